@@ -1,0 +1,487 @@
+"""``deepslicing evaluate``: allocation policies against traffic scenarios, with common random numbers.
+
+For every scenario and policy, one :class:`~deepslicing.simulator.SlicingSimulator` runs
+``episodes`` cells side by side (one batched env per episode), reset with the same ``seed`` for
+every policy of a scenario, so all policies face identical traffic and channels and their
+differences are the policies' alone. Each episode lasts ``env.episode_length`` decision intervals.
+
+What is measured, per policy x scenario (shares are fractions of the cell's PRB budget; utility is
+the model's per-interval cell utility, at most 1, see :mod:`deepslicing.model`):
+
+| column                 | definition                                                                       |
+|------------------------|----------------------------------------------------------------------------------|
+| `utility_mean`         | mean over episodes of the episode utility = mean over intervals of the sum of the slices' rewards |
+| `utility_ci95`         | half-width of the 95 % normal CI of that mean: 1.96 x sample std / sqrt(episodes); 0 for one episode |
+| `violation_rate`       | share of (interval, episode, slice) triples whose SLA was violated (cost 1), in [0, 1] |
+| `violation_rate_<kind>`| the same over the slices of one kind (`embb`, `urllc`, `mmtc`); empty when no slice has it |
+| `resource_usage`       | mean over intervals and episodes of the sum of allocated shares, in [0, 1]      |
+| `overprovisioning`     | mean over intervals and episodes of sum over slices of max(0, share - needed share) |
+| `capacity_violations`  | number of (interval, episode) pairs whose allocation broke sum <= 1 or share >= 0; a check, must be 0 |
+
+The first column group is ``policy, scenario, episodes``. Scenario ``all`` means the five synthetic
+scenarios, plus ``trace`` when ``env.trace_path`` is set. Policies are resolved by
+:func:`resolve_policy` (today the baselines of :mod:`deepslicing.baselines`).
+
+Outputs, all in ``out``:
+
+- ``summary.csv``: one row per policy x scenario, the columns above in that order;
+- ``config.yaml``: the resolved config (``deepslicing evaluate --config out/config.yaml`` repeats the run);
+- ``robustness_utility.png``, ``robustness_violations.png``: policies x scenarios heatmaps of the mean
+  utility (with its CI) and of the overall SLA violation rate;
+- ``timeseries_<scenario>.png``: the first episode of each scenario, one panel per slice (at most
+  six): each policy's allocated share per interval and the true needed share (dashed black).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from deepslicing.baselines import BASELINES, Policy, make_policy
+from deepslicing.config import option, to_dict
+from deepslicing.coordinator import capacity_violations
+from deepslicing.scenarios import SCENARIOS, SYNTHETIC_SCENARIOS
+from deepslicing.simulator import SlicingConfig, SlicingSimulator
+from deepslicing.slices import KINDS
+
+KNOWN_POLICIES = BASELINES
+COLUMNS = (
+    "policy",
+    "scenario",
+    "episodes",
+    "utility_mean",
+    "utility_ci95",
+    "violation_rate",
+    *(f"violation_rate_{kind}" for kind in KINDS),
+    "resource_usage",
+    "overprovisioning",
+    "capacity_violations",
+)
+MAX_TIMESERIES_SLICES = 6
+SUMMARY_FILE = "summary.csv"
+CONFIG_FILE = "config.yaml"
+UTILITY_HEATMAP = "robustness_utility.png"
+VIOLATION_HEATMAP = "robustness_violations.png"
+DPI = 110
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate allocation policies over traffic scenarios with common random numbers (every policy
+    of a scenario sees the same traffic). Writes OUT/summary.csv (utility mean and 95 % CI, SLA
+    violation rates per slice kind, resource usage, over-provisioning, capacity violations),
+    robustness heatmaps, allocation-vs-demand time series and the resolved config.yaml. Set the
+    cell, slices and coordinator with --set env.KEY=VALUE (see --print-config for the keys)."""
+
+    policy: tuple[str, ...] = option(
+        BASELINES, f"policies to evaluate, comma-separated: {', '.join(KNOWN_POLICIES)}"
+    )
+    scenario: tuple[str, ...] = option(
+        ("all",),
+        "scenarios, comma-separated: all (the synthetic ones, plus trace when env.trace_path is "
+        f"set) or any of {', '.join(SCENARIOS)}",
+    )
+    episodes: int = option(5, "episodes per policy and scenario (run side by side), >= 1")
+    seed: int = option(0, "seed of the traffic; the same for every policy of a scenario, >= 0")
+    out: str = option("eval_out", "output directory (created if needed)")
+    plots: bool = option(True, "write the heatmap and time-series PNGs")
+    env: SlicingConfig = dataclasses.field(
+        default_factory=SlicingConfig,
+        metadata={
+            "help": "cell, slices and coordinator (set with --set env.KEY=VALUE); "
+            "env.scenario is replaced by each evaluated scenario"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        _check_names("policy", self.policy)
+        for name in self.policy:
+            check_policy(name)
+        _check_names("scenario", self.scenario)
+        for name in self.scenario:
+            if name != "all" and name not in SCENARIOS:
+                raise ValueError(
+                    f"scenario: unknown scenario {name!r}; must be 'all' or one of {SCENARIOS}"
+                )
+        if "all" in self.scenario and len(self.scenario) > 1:
+            raise ValueError("scenario: 'all' already names every scenario; give it alone")
+        if not isinstance(self.env, SlicingConfig):
+            raise ValueError(f"env: must be a SlicingConfig, got {type(self.env).__name__}")
+        if "trace" in self.scenario and not self.env.trace_path:
+            raise ValueError("scenario: 'trace' needs env.trace_path (a demand CSV)")
+        for name, low in (("episodes", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ValueError(f"out: must be a non-empty directory path, got {self.out!r}")
+        if not isinstance(self.plots, bool):
+            raise ValueError(f"plots: must be true or false, got {self.plots!r}")
+
+    def resolved_scenarios(self) -> tuple[str, ...]:
+        if self.scenario == ("all",):
+            return SYNTHETIC_SCENARIOS + (("trace",) if self.env.trace_path else ())
+        return self.scenario
+
+
+def _check_names(field: str, names: Any) -> None:
+    if isinstance(names, str) or not isinstance(names, tuple | list):
+        raise ValueError(f"{field}: must be a list of names, got {names!r}")
+    if not names:
+        raise ValueError(f"{field}: must name at least one {field}")
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"{field}: names must be strings, got {name!r}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"{field}: each name may appear once; {repeated} repeat")
+
+
+def check_policy(name: str) -> None:
+    """Raise ValueError naming the field unless ``name`` is a policy :func:`resolve_policy` knows."""
+    if name not in KNOWN_POLICIES:
+        raise ValueError(f"policy: unknown policy {name!r}; must be one of {KNOWN_POLICIES}")
+
+
+def resolve_policy(name: str, sim: SlicingSimulator) -> Policy:
+    """The policy called ``name`` for the cells of ``sim``: observation -> requested shares."""
+    check_policy(name)
+    return make_policy(name, sim)
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """One policy on one scenario: the summary row and the first episode's time series."""
+
+    row: dict[str, Any]
+    slice_names: tuple[str, ...]
+    slice_kinds: tuple[str, ...]
+    shares: np.ndarray  # (episode_length, num_slices) allocated shares of episode 0
+    needed_share: np.ndarray  # (episode_length, num_slices) true needed shares of episode 0
+
+
+def evaluate_pair(env: SlicingConfig, policy_name: str, episodes: int, seed: int) -> PairResult:
+    """Run ``episodes`` episodes of one policy in the scenario ``env.scenario``, seeded by ``seed``."""
+    sim = SlicingSimulator(env, num_envs=episodes)
+    policy = resolve_policy(policy_name, sim)
+    observation = sim.reset(seed)
+    utility = np.zeros(episodes)
+    cost = np.zeros((episodes, sim.num_slices))
+    usage = overprovisioning = 0.0
+    broken = intervals = 0
+    shares, needed = [], []
+    done = False
+    while not done:
+        step = sim.step(policy(observation))
+        observation, done = step.observation, step.done
+        intervals += 1
+        utility += step.reward.sum(axis=-1)
+        cost += step.cost
+        usage += step.shares.sum(axis=-1).mean()
+        overprovisioning += np.maximum(0.0, step.shares - step.needed_share).sum(axis=-1).mean()
+        broken += int(capacity_violations(step.shares).sum())
+        shares.append(step.shares[0])
+        needed.append(step.needed_share[0])
+    utility /= intervals
+    rate = cost / intervals  # (episodes, num_slices)
+    kinds = np.array(sim.slices.kind)
+    row: dict[str, Any] = {
+        "policy": policy_name,
+        "scenario": env.scenario,
+        "episodes": episodes,
+        "utility_mean": float(utility.mean()),
+        "utility_ci95": ci95(utility),
+        "violation_rate": float(rate.mean()),
+    }
+    for kind in KINDS:
+        mask = kinds == kind
+        row[f"violation_rate_{kind}"] = float(rate[:, mask].mean()) if mask.any() else None
+    row["resource_usage"] = usage / intervals
+    row["overprovisioning"] = overprovisioning / intervals
+    row["capacity_violations"] = broken
+    return PairResult(
+        row={c: row[c] for c in COLUMNS},
+        slice_names=tuple(s.name for s in sim.specs),
+        slice_kinds=sim.slices.kind,
+        shares=np.array(shares),
+        needed_share=np.array(needed),
+    )
+
+
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the normal 95 % confidence interval of the mean; 0 for a single value."""
+    n = len(values)
+    return 0.0 if n < 2 else float(1.96 * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def evaluate_pairs(config: EvaluateConfig) -> list[PairResult]:
+    """Every policy on every scenario (scenario-major order), with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    pairs = [(s, p) for s in config.resolved_scenarios() for p in config.policy]
+    results = []
+    with tqdm(total=len(pairs), file=sys.stderr, unit="run", desc="evaluate") as bar:
+        for scenario, policy_name in pairs:
+            bar.set_description(f"{scenario} / {policy_name}")
+            env = dataclasses.replace(config.env, scenario=scenario)
+            results.append(evaluate_pair(env, policy_name, config.episodes, config.seed))
+            bar.update()
+    return results
+
+
+def evaluate(config: EvaluateConfig) -> list[dict[str, Any]]:
+    """The summary rows (keys :data:`COLUMNS`), one per policy x scenario."""
+    return [r.row for r in evaluate_pairs(config)]
+
+
+def run(config: EvaluateConfig) -> int:
+    """Evaluate, write the outputs, print the table and the paths. Exit code 1 on a capacity
+    violation (the coordinator must never allow one), else 0."""
+    results = evaluate_pairs(config)
+    rows = [r.row for r in results]
+    out = Path(config.out)
+    paths = write_outputs(config, results, out)
+    print(format_table(rows))
+    print()
+    for path in paths:
+        print(f"wrote {path}")
+    broken = [r for r in rows if r["capacity_violations"]]
+    if broken:
+        for r in broken:
+            print(
+                f"error: {r['policy']} on {r['scenario']}: {r['capacity_violations']} "
+                "allocations broke the capacity constraint",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+def write_outputs(config: EvaluateConfig, results: list[PairResult], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.row for r in results]
+    summary = out / SUMMARY_FILE
+    write_summary(rows, summary)
+    config_path = out / CONFIG_FILE
+    config_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    paths = [summary, config_path]
+    if config.plots:
+        paths += plot_all(results, out)
+    return paths
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of the summary rows (rates in percent)."""
+    header = (
+        "policy",
+        "scenario",
+        "utility (±95% CI)",
+        "SLA viol %",
+        *(f"{k} %" for k in KINDS),
+        "usage",
+        "overprov",
+        "cap viol",
+    )
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r["policy"],
+                r["scenario"],
+                f"{r['utility_mean']:.4f} ± {r['utility_ci95']:.4f}",
+                pct(r["violation_rate"]),
+                *(pct(r[f"violation_rate_{k}"]) for k in KINDS),
+                f"{r['resource_usage']:.3f}",
+                f"{r['overprovisioning']:.3f}",
+                str(r["capacity_violations"]),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def plot_all(results: list[PairResult], out: Path) -> list[Path]:
+    """Write the two robustness heatmaps and one time-series figure per scenario; return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = [r.row for r in results]
+    paths = [
+        plot_heatmap(
+            rows,
+            "utility_mean",
+            out / UTILITY_HEATMAP,
+            title="Mean episode utility (higher is better)",
+            colorbar="utility per interval",
+            cmap="viridis",
+            ci="utility_ci95",
+        ),
+        plot_heatmap(
+            rows,
+            "violation_rate",
+            out / VIOLATION_HEATMAP,
+            title="SLA violation rate, all slices (lower is better)",
+            colorbar="share of slice-intervals in violation (%)",
+            cmap="Reds",
+            percent=True,
+        ),
+    ]
+    for scenario in dict.fromkeys(r.row["scenario"] for r in results):
+        paths.append(
+            plot_timeseries(
+                [r for r in results if r.row["scenario"] == scenario],
+                out / f"timeseries_{scenario}.png",
+            )
+        )
+    return paths
+
+
+def plot_heatmap(
+    rows: list[dict[str, Any]],
+    key: str,
+    path: Path,
+    *,
+    title: str,
+    colorbar: str,
+    cmap: str,
+    ci: str | None = None,
+    percent: bool = False,
+) -> Path:
+    """A policies x scenarios heatmap of ``row[key]``, each cell annotated with its value."""
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    scale = 100.0 if percent else 1.0
+    values = np.full((len(policies), len(scenarios)), np.nan)
+    errors = np.zeros_like(values)
+    episodes = min(r["episodes"] for r in rows)
+    ci = ci if episodes > 1 else None  # one episode has no CI
+    for r in rows:
+        i, j = policies.index(r["policy"]), scenarios.index(r["scenario"])
+        values[i, j] = scale * r[key]
+        if ci is not None:
+            errors[i, j] = scale * r[ci]
+    fig, ax = plt.subplots(
+        figsize=(max(6.5, 2.0 + 1.5 * len(scenarios)), 1.8 + 0.65 * len(policies)),
+        layout="constrained",
+    )
+    try:
+        low, high = np.nanmin(values), np.nanmax(values)
+        if percent:
+            low, high = 0.0, max(high, 1.0)
+        elif high - low < 1e-9:
+            low, high = low - 0.5, high + 0.5
+        image = ax.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label(colorbar)
+        colormap = image.get_cmap()
+        for i in range(len(policies)):
+            for j in range(len(scenarios)):
+                v = values[i, j]
+                if np.isnan(v):
+                    continue
+                red, green, blue, _ = colormap(image.norm(v))
+                color = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+                text = f"{v:.1f} %" if percent else f"{v:.3f}"
+                ax.text(j, i - (0.12 if ci else 0), text, ha="center", va="center", color=color)
+                if ci is not None:
+                    ax.text(
+                        j,
+                        i + 0.22,
+                        f"±{errors[i, j]:.3f}",
+                        ha="center",
+                        va="center",
+                        color=color,
+                        fontsize="x-small",
+                    )
+        ax.set_xticks(range(len(scenarios)), scenarios)
+        ax.set_yticks(range(len(policies)), policies)
+        ax.set_xlabel("scenario")
+        ax.set_ylabel("policy")
+        subtitle = f"{episodes} episode{'s' if episodes > 1 else ''} per cell" + (
+            ", ±95 % CI" if ci else ""
+        )
+        ax.set_title(f"{title}\n{subtitle}")
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_timeseries(results: list[PairResult], path: Path) -> Path:
+    """Allocated share per policy and the true needed share, per slice, first episode."""
+    import matplotlib.pyplot as plt
+
+    first = results[0]
+    scenario = first.row["scenario"]
+    num_slices = len(first.slice_names)
+    shown = min(num_slices, MAX_TIMESERIES_SLICES)
+    ncols = {1: 1, 2: 2, 4: 2}.get(shown, 3)
+    nrows = math.ceil(shown / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(4.2 * ncols, 3.0 * nrows + 0.8),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    try:
+        intervals = np.arange(1, first.shares.shape[0] + 1)
+        colors = plt.get_cmap("tab10")
+        for k, ax in enumerate(axes.flat):
+            if k >= shown:
+                ax.set_visible(False)
+                continue
+            for n, r in enumerate(results):
+                ax.plot(
+                    intervals, r.shares[:, k], color=colors(n % 10), lw=1.3, label=r.row["policy"]
+                )
+            ax.plot(intervals, first.needed_share[:, k], "k--", lw=1.4, label="needed share (true)")
+            name, kind = first.slice_names[k], first.slice_kinds[k]
+            ax.set_title(name if name == kind else f"{name} ({kind})")
+            ax.set_ylim(bottom=0.0)
+            ax.grid(alpha=0.3)
+            if k % ncols == 0:
+                ax.set_ylabel("share of the cell")
+            if k >= shown - ncols:
+                ax.set_xlabel("interval")
+        title = f"Scenario {scenario}: allocation vs needed share, first episode"
+        if num_slices > shown:
+            title += f" (first {shown} of {num_slices} slices shown)"
+        fig.suptitle(title)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6))
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+    return path

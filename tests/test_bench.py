@@ -1,0 +1,80 @@
+"""`deepslicing bench env` at a tiny budget: the JSON line's keys and consistency, never timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from deepslicing.bench import BenchConfig
+from deepslicing.cli import main
+
+RATE_KEYS = (
+    "api_steps_per_s",
+    "mpe2_steps_per_s",
+    "batched_env_steps_per_s",
+    "batched_slice_steps_per_s",
+    "ratio_vs_mpe2",
+    "batched_vs_api",
+)
+
+
+def test_bench_env_json_line(capsys):
+    argv = ["bench", "env", "--json", "--seconds", "0.2", "--rounds", "1", "--num-envs", "64"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+
+    for key in RATE_KEYS:
+        value = result[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, key
+    assert result["num_envs"] == 64
+    assert result["seconds"] == 0.2
+    assert result["rounds"] == 1
+    assert len(result["api_steps_per_s_rounds"]) == 1
+    assert result["ratio_vs_mpe2"] == pytest.approx(
+        result["api_steps_per_s"] / result["mpe2_steps_per_s"], rel=1e-12
+    )
+    assert result["batched_slice_steps_per_s"] == pytest.approx(
+        3 * result["batched_env_steps_per_s"], rel=1e-12
+    )
+    assert result["batched_vs_api"] == pytest.approx(
+        result["batched_slice_steps_per_s"] / (3 * result["api_steps_per_s"]), rel=1e-12
+    )
+    assert "mpe2" in err  # progress goes to stderr
+
+
+def test_bench_env_table_without_json(capsys):
+    argv = ["bench", "env", "--seconds", "0.05", "--rounds", "1", "--num-envs", "8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ratio_vs_mpe2" in out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--rounds", "0"], "rounds"),
+        (["--seconds", "-1"], "seconds"),
+        (["--num-envs", "0"], "num_envs"),
+        (["--seed", "-3"], "seed"),
+    ],
+)
+def test_bench_rejects_invalid_values(capsys, flags, field):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "env", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{field}:" in err
+
+
+def test_bench_config_validates_directly():
+    with pytest.raises(ValueError, match="rounds: must be an integer in 1..1000"):
+        BenchConfig(rounds=0)
+    with pytest.raises(ValueError, match="seconds: must be a finite number"):
+        BenchConfig(seconds=float("nan"))
+    with pytest.raises(ValueError, match="target: must be one of"):
+        BenchConfig(target="train")  # type: ignore[arg-type]
