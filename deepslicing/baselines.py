@@ -83,7 +83,8 @@ class Oracle:
         shape = (sim.num_envs, sim.num_slices)
         self.need = cp.Parameter(shape, nonneg=True)
         self.inv_need = cp.Parameter(shape, nonneg=True)
-        self.nothing_needed = cp.Parameter(shape, nonneg=True)  # 1 where need == 0: satisfied anyway
+        # 1 where need == 0: such a slice is satisfied whatever it gets
+        self.nothing_needed = cp.Parameter(shape, nonneg=True)
         x = cp.Variable(shape, nonneg=True)
         weight = np.broadcast_to(sim.slices.utility_weight, shape)
         sat = cp.minimum(1.0, cp.multiply(x, self.inv_need) + self.nothing_needed)
