@@ -99,6 +99,10 @@ def build_parser(command: Command, config_cls: type) -> argparse.ArgumentParser:
                 kwargs["choices"] = choices
             kwargs["metavar"] = _metavar(tp, f.name)
         if f.name in command.positional:
+            # argparse checks a SUPPRESSed positional default against choices; from_mapping checks
+            if choices:
+                kwargs.pop("choices")
+                kwargs["help"] = f"one of: {', '.join(map(str, choices))}; {help_text}"
             kwargs.pop("metavar", None)
             parser.add_argument(
                 f.name, nargs=None if f.default is dataclasses.MISSING else "?", **kwargs
