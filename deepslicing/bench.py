@@ -55,6 +55,8 @@ REQUEST_POOL = 16  # pre-generated (num_envs, 3) request arrays the batched loop
 NUM_SLICES = 3  # slicing_v0's default, and simple_spread's N
 MPE2_MAX_CYCLES = 25
 MPE2_NUM_ACTIONS = 5  # simple_spread's discrete actions: no-op, left, right, down, up
+# The issue's acceptance floors per target; `run` exits 1 when a ratio falls below its floor.
+GOALS: dict[str, dict[str, float]] = {"env": {"ratio_vs_mpe2": 5.0, "batched_vs_api": 50.0}}
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,17 @@ class BenchConfig:
 
 def run(config: BenchConfig) -> int:
     result = TARGET_FUNCTIONS[config.target](config)
+    goals = GOALS.get(config.target, {})
+    missed = {key: floor for key, floor in goals.items() if not result[key] >= floor}
+    result["goals"] = goals
+    result["goals_met"] = not missed
+    for key, floor in missed.items():
+        _log(f"bench {config.target}: {key} = {result[key]:.3g} is below its goal of {floor:g}")
     if config.json:
         print(json.dumps(result), flush=True)
     else:
         print(format_table(result), flush=True)
-    return 0
+    return 1 if missed else 0
 
 
 # --- bench env -------------------------------------------------------------------------------
