@@ -47,7 +47,7 @@ import numpy as np
 
 from deepslicing.config import option
 
-TARGETS = ("env",)
+TARGETS = ("env", "train")
 WARMUP_SECONDS = 0.5  # per contender, before the first round (less when `seconds` is smaller)
 CHECK_CLOCK_EVERY = 16  # parallel-API steps between clock reads
 ACTION_POOL = 4096  # pre-generated joint actions the parallel-API loops cycle through
@@ -56,7 +56,10 @@ NUM_SLICES = 3  # slicing_v0's default, and simple_spread's N
 MPE2_MAX_CYCLES = 25
 MPE2_NUM_ACTIONS = 5  # simple_spread's discrete actions: no-op, left, right, down, up
 # The issue's acceptance floors per target; `run` exits 1 when a ratio falls below its floor.
-GOALS: dict[str, dict[str, float]] = {"env": {"ratio_vs_mpe2": 5.0, "batched_vs_api": 50.0}}
+GOALS: dict[str, dict[str, float]] = {
+    "env": {"ratio_vs_mpe2": 5.0, "batched_vs_api": 50.0},
+    "train": {"ratio_vs_rllib_sac": 10.0, "ratio_vs_bare_loop": 0.5},
+}
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,18 @@ class BenchConfig:
     steps/s (medians over interleaved rounds), with ratio_vs_mpe2 = api / mpe2 and batched_vs_api =
     batched slice-steps/s / API slice-steps/s."""
 
-    target: Literal["env"] = option("env", "what to benchmark: env (environment step rates)")
+    target: Literal["env", "train"] = option(
+        "env",
+        "what to benchmark: env (environment step rates) or train (MADDPG training throughput "
+        "vs RLlib SAC and vs the bare learner loop; needs a few minutes)",
+    )
     json: bool = option(False, "print the result as one JSON line, last on stdout")
     seconds: float = option(2.0, "measuring time per contender per round (s), > 0 and <= 3600")
     rounds: int = option(
         3, "rounds interleaving the contenders (1..1000); the median over rounds is reported"
+    )
+    train_seconds: float = option(
+        20.0, "train: measuring time per contender per round (s), > 0 and <= 3600"
     )
     num_envs: int = option(1024, "cells stepped together by the batched core (1..1000000)")
     seed: int = option(0, "seed of the pre-generated actions and of the env resets, >= 0")
@@ -81,13 +91,14 @@ class BenchConfig:
             raise ValueError(f"target: must be one of {TARGETS}, got {self.target!r}")
         if not isinstance(self.json, bool):
             raise ValueError(f"json: must be true or false, got {self.json!r}")
-        seconds = self.seconds
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (math.isfinite(seconds) and 0 < seconds <= 3600)
-        ):
-            raise ValueError(f"seconds: must be a finite number in (0, 3600], got {seconds!r}")
+        for name in ("seconds", "train_seconds"):
+            seconds = getattr(self, name)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not (math.isfinite(seconds) and 0 < seconds <= 3600)
+            ):
+                raise ValueError(f"{name}: must be a finite number in (0, 3600], got {seconds!r}")
         for name, low, high in (
             ("rounds", 1, 1000),
             ("num_envs", 1, 1_000_000),
@@ -284,4 +295,13 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-TARGET_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {"env": bench_env}
+def bench_train(config: BenchConfig) -> dict[str, Any]:
+    from deepslicing.bench_train import bench_train as run_train_bench
+
+    return run_train_bench(config)
+
+
+TARGET_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
+    "env": bench_env,
+    "train": bench_train,
+}

@@ -4,7 +4,7 @@ Each subcommand is a config dataclass plus a ``run(config)`` function. Its flags
 fields (``--episode-length 50``; tuples as comma lists; booleans as ``--x/--no-x``), its help the
 fields' ``help`` metadata. Every subcommand also takes ``--config FILE.yaml`` and repeatable
 ``--set key=value`` (dotted keys reach nested sections); precedence is defaults < file < flags < --set.
-``--print-config`` shows the resolved config as YAML and exits. Modules are imported only for the
+``--print-config`` shows the resolved config as commented YAML (a valid ``--config`` file) and exits. Modules are imported only for the
 subcommand that runs, so ``deepslicing --help`` stays fast.
 """
 
@@ -18,9 +18,15 @@ import types
 import typing
 from dataclasses import dataclass
 
-import yaml
-
-from deepslicing.config import ConfigError, from_mapping, load, merge, parse_overrides, to_dict
+from deepslicing.config import (
+    ConfigError,
+    commented_yaml,
+    from_mapping,
+    load,
+    merge,
+    parse_overrides,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,11 @@ COMMANDS = (
         "evaluate",
         "deepslicing.evaluation:EvaluateConfig:run",
         "evaluate allocation policies over traffic scenarios; writes summary.csv and plots",
+    ),
+    Command(
+        "train",
+        "deepslicing.train:TrainConfig:run",
+        "train MADDPG slice allocators on RLlib; checkpoints, MLflow run, final evaluation",
     ),
     Command(
         "bench",
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         parser.exit(2, f"deepslicing {command.name}: error: {e}\n")
     if args.print_config:
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print(commented_yaml(config), end="")
         return 0
     result = getattr(module, run_name)(config)
     return int(result or 0)

@@ -108,15 +108,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """The config as plain YAML-friendly data (tuples become lists)."""
+    return _plain(obj)
 
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        return v
 
-    return plain(obj)
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    return v
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -157,3 +157,21 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     return from_mapping(cls, merge(data, parse_overrides(list(overrides))))
+
+
+def commented_yaml(obj: Any, indent: int = 0) -> str:
+    """The config as YAML with each field's help as a comment above it (for shipped YAML files)."""
+    pad = " " * indent
+    lines: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        help_text = f.metadata.get("help", "")
+        if help_text:
+            lines.append(f"{pad}# {help_text}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.append(commented_yaml(value, indent + 2).rstrip("\n"))
+        else:
+            dumped = yaml.safe_dump({f.name: _plain(value)}, default_flow_style=True, width=1000)
+            lines.append(pad + dumped.strip().removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"

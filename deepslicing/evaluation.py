@@ -20,7 +20,8 @@ the model's per-interval cell utility, at most 1, see :mod:`deepslicing.model`):
 
 The first column group is ``policy, scenario, episodes``. Scenario ``all`` means the five synthetic
 scenarios, plus ``trace`` when ``env.trace_path`` is set. Policies are resolved by
-:func:`resolve_policy` (today the baselines of :mod:`deepslicing.baselines`).
+:func:`resolve_policy`: the baselines of :mod:`deepslicing.baselines`, or a MADDPG checkpoint
+directory (its deterministic actors, see :func:`policies.maddpg.load_actor_policy`).
 
 Outputs, all in ``out``:
 
@@ -146,15 +147,27 @@ def _check_names(field: str, names: Any) -> None:
 
 
 def check_policy(name: str) -> None:
-    """Raise ValueError naming the field unless ``name`` is a policy :func:`resolve_policy` knows."""
-    if name not in KNOWN_POLICIES:
-        raise ValueError(f"policy: unknown policy {name!r}; must be one of {KNOWN_POLICIES}")
+    """Raise ValueError naming the field unless ``name`` is a policy :func:`resolve_policy` knows:
+    a baseline, or the directory of a MADDPG checkpoint."""
+    if name in KNOWN_POLICIES:
+        return
+    from policies.maddpg.policy import is_checkpoint  # torch and RLlib only when needed
+
+    if not is_checkpoint(name):
+        raise ValueError(
+            f"policy: unknown policy {name!r}; must be one of {KNOWN_POLICIES} "
+            "or the directory of a MADDPG checkpoint"
+        )
 
 
 def resolve_policy(name: str, sim: SlicingSimulator) -> Policy:
     """The policy called ``name`` for the cells of ``sim``: observation -> requested shares."""
     check_policy(name)
-    return make_policy(name, sim)
+    if name in KNOWN_POLICIES:
+        return make_policy(name, sim)
+    from policies.maddpg.policy import load_actor_policy
+
+    return load_actor_policy(name)
 
 
 @dataclass(frozen=True)

@@ -81,4 +81,4 @@ def test_bench_config_validates_directly():
     with pytest.raises(ValueError, match="seconds: must be a finite number"):
         BenchConfig(seconds=float("nan"))
     with pytest.raises(ValueError, match="target: must be one of"):
-        BenchConfig(target="train")  # type: ignore[arg-type]
+        BenchConfig(target="gpu")  # type: ignore[arg-type]

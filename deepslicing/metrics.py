@@ -1,0 +1,59 @@
+"""Metric names, in one place for the learner's logging, Tune and MLflow.
+
+MADDPG's training result (``Algorithm.train()``) holds these under ``result[SECTION]``, one flat
+dict per iteration, so Tune metrics read ``"deepslicing/utility_mean"`` and MLflow logs the same
+names. Units: utility and returns are the model's per-interval cell utility (at most 1 per
+interval, see :mod:`deepslicing.model`); rates are fractions in [0, 1]; multipliers are in utility
+per unit of cost (cost 1 = one slice-interval in SLA violation).
+
+| name                        | meaning                                                                  |
+|-----------------------------|--------------------------------------------------------------------------|
+| `episode_return_mean`       | mean over recent episodes of the sum over intervals of the cell utility  |
+| `utility_mean`              | mean over recent episodes of the mean per-interval cell utility          |
+| `sla_violation_rate`        | share of recent (interval, slice) pairs in SLA violation                 |
+| `episode_cost/<slice>`      | this iteration's mean per-interval cost (violation rate) of one slice    |
+| `multiplier/<slice>`        | the Lagrange multiplier of a slice's SLA after this iteration's update   |
+| `capacity_violations`       | allocations this iteration that broke sum <= 1 or share >= 0 (must be 0) |
+| `env_steps_per_s`           | env steps (one cell, one interval) per wall-clock second, sampling and learning together |
+| `admm_primal_residual_mean` | mean over steps of the ADMM primal residual ||x - z|| (0 with projection) |
+| `admm_dual_residual_mean`   | mean over steps of the ADMM dual residual rho ||z - z_prev||             |
+| `critic_loss`, `actor_loss` | mean MADDPG losses over this iteration's updates                          |
+| `q_mean`                    | mean critic value Q_i(o, a) over this iteration's batches                 |
+"""
+
+from __future__ import annotations
+
+SECTION = "deepslicing"
+
+EPISODE_RETURN_MEAN = "episode_return_mean"
+UTILITY_MEAN = "utility_mean"
+SLA_VIOLATION_RATE = "sla_violation_rate"
+EPISODE_COST = "episode_cost"  # per slice: f"{EPISODE_COST}/{slice}"
+MULTIPLIER = "multiplier"  # per slice: f"{MULTIPLIER}/{slice}"
+CAPACITY_VIOLATIONS = "capacity_violations"
+ENV_STEPS_PER_S = "env_steps_per_s"
+ADMM_PRIMAL_RESIDUAL_MEAN = "admm_primal_residual_mean"
+ADMM_DUAL_RESIDUAL_MEAN = "admm_dual_residual_mean"
+CRITIC_LOSS = "critic_loss"
+ACTOR_LOSS = "actor_loss"
+Q_MEAN = "q_mean"
+NUM_UPDATES = "num_updates"
+
+ALL = (
+    EPISODE_RETURN_MEAN,
+    UTILITY_MEAN,
+    SLA_VIOLATION_RATE,
+    CAPACITY_VIOLATIONS,
+    ENV_STEPS_PER_S,
+    ADMM_PRIMAL_RESIDUAL_MEAN,
+    ADMM_DUAL_RESIDUAL_MEAN,
+    CRITIC_LOSS,
+    ACTOR_LOSS,
+    Q_MEAN,
+    NUM_UPDATES,
+)
+
+
+def per_slice(name: str, slice_name: str) -> str:
+    """The key of a per-slice metric, e.g. ``multiplier/urllc``."""
+    return f"{name}/{slice_name}"
