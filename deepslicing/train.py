@@ -37,12 +37,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ray.util import log_once
 
 from deepslicing import metrics
 from deepslicing.config import ConfigError, option, to_dict
 from deepslicing.simulator import SlicingConfig
 from policies.maddpg import VARIANTS, MADDPGConfig
 
+# RLlib warns once per process that an algorithm runs on the new API stack; ours only does.
+log_once("MADDPG_on_new_api_stack")
 _DEFAULTS = MADDPGConfig()
 STATE_FILE = "state.json"
 PROGRESS_FILE = "progress.csv"

@@ -23,7 +23,7 @@ MODULE_ID = "default_policy"
 def module_dir(checkpoint_path: str | Path) -> Path:
     """Where an algorithm checkpoint keeps the trained (learner) module."""
     return (
-        Path(checkpoint_path)
+        Path(checkpoint_path).resolve()  # RLlib reads relative paths as URIs and fails
         / COMPONENT_LEARNER_GROUP
         / COMPONENT_LEARNER
         / COMPONENT_RL_MODULE
