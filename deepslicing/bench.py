@@ -28,6 +28,10 @@ JSON keys (rates are medians over rounds; a slice-step is one slice of one cell 
 - ``batched_vs_api``: ``batched_slice_steps_per_s / (api_steps_per_s x 3)``, per slice-step;
 - ``*_rounds``: each contender's per-round rates; ``num_envs``, ``seconds``, ``rounds``, ``seed``
   and the machine (``cpus``, ``python``, ``numpy``).
+
+``bench train`` and ``bench export`` are described in :mod:`deepslicing.bench_train` and
+:mod:`deepslicing.bench_export`. ``bench export`` only reports (per-call latency of the torch,
+TorchScript, ONNX and int8 actors for 3 and 20 slices); it has no goal.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import numpy as np
 
 from deepslicing.config import option
 
-TARGETS = ("env", "train")
+TARGETS = ("env", "train", "export")
 WARMUP_SECONDS = 0.5  # per contender, before the first round (less when `seconds` is smaller)
 CHECK_CLOCK_EVERY = 16  # parallel-API steps between clock reads
 ACTION_POOL = 4096  # pre-generated joint actions the parallel-API loops cycle through
@@ -70,10 +74,11 @@ class BenchConfig:
     steps/s (medians over interleaved rounds), with ratio_vs_mpe2 = api / mpe2 and batched_vs_api =
     batched slice-steps/s / API slice-steps/s."""
 
-    target: Literal["env", "train"] = option(
+    target: Literal["env", "train", "export"] = option(
         "env",
-        "what to benchmark: env (environment step rates) or train (MADDPG training throughput "
-        "vs RLlib SAC and vs the bare learner loop; needs a few minutes)",
+        "what to benchmark: env (environment step rates), train (MADDPG training throughput "
+        "vs RLlib SAC and vs the bare learner loop; needs a few minutes) or export (per-call "
+        "latency of the torch, TorchScript, ONNX and int8 actors for 3 and 20 slices)",
     )
     json: bool = option(False, "print the result as one JSON line, last on stdout")
     seconds: float = option(2.0, "measuring time per contender per round (s), > 0 and <= 3600")
@@ -301,7 +306,14 @@ def bench_train(config: BenchConfig) -> dict[str, Any]:
     return run_train_bench(config)
 
 
+def bench_export(config: BenchConfig) -> dict[str, Any]:
+    from deepslicing.bench_export import bench_export as run_export_bench
+
+    return run_export_bench(config)
+
+
 TARGET_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "env": bench_env,
     "train": bench_train,
+    "export": bench_export,
 }

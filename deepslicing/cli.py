@@ -22,10 +22,9 @@ from deepslicing.config import (
     ConfigError,
     commented_yaml,
     from_mapping,
-    load,
     merge,
     parse_overrides,
-    to_dict,
+    read_yaml,
 )
 
 
@@ -35,6 +34,7 @@ class Command:
     target: str  # "module:ConfigClass:run_function"
     help: str
     positional: tuple[str, ...] = ()  # fields given as positional arguments
+    config_positional: bool = False  # the first argument may be the YAML file (same as --config)
 
 
 COMMANDS = (
@@ -49,10 +49,21 @@ COMMANDS = (
         "train MADDPG slice allocators on RLlib; checkpoints, MLflow run, final evaluation",
     ),
     Command(
+        "tune",
+        "deepslicing.sweep:SweepConfig:run",
+        "sweep MADDPG hyperparameters with Ray Tune (ASHA or PBT); every trial an MLflow run",
+        config_positional=True,
+    ),
+    Command(
         "bench",
         "deepslicing.bench:BenchConfig:run",
         "benchmark a part of deepslicing against its comparator; last line is JSON",
         positional=("target",),
+    ),
+    Command(
+        "export",
+        "deepslicing.export:ExportConfig:run",
+        "export a MADDPG checkpoint's actors as ONNX, TorchScript and int8 ONNX with metadata",
     ),
 )
 
@@ -120,6 +131,10 @@ def build_parser(command: Command, config_cls: type) -> argparse.ArgumentParser:
             )
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+    if command.config_positional:
+        parser.add_argument(
+            "config_file", nargs="?", metavar="FILE.yaml", help="the YAML file (same as --config)"
+        )
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the keys above")
     parser.add_argument(
         "--set",
@@ -135,8 +150,12 @@ def build_parser(command: Command, config_cls: type) -> argparse.ArgumentParser:
 
 
 def resolve(config_cls: type, args: argparse.Namespace):
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "print_config")}
-    base = to_dict(load(config_cls, args.config)) if args.config else {}
+    ignored = ("config", "config_file", "set", "print_config")
+    flags = {k: v for k, v in vars(args).items() if k not in ignored}
+    path = args.config or getattr(args, "config_file", None)
+    if args.config and getattr(args, "config_file", None):
+        raise ConfigError("--config: give the YAML file once, as the argument or with --config")
+    base = read_yaml(path) if path else {}
     return from_mapping(config_cls, merge(merge(base, flags), parse_overrides(args.set)))
 
 

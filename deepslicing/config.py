@@ -147,16 +147,24 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()) -> T:
     """Defaults, then the YAML file, then ``key=value`` overrides; strict at every step."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {str(path)!r}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    data = read_yaml(path) if path is not None else {}
     return from_mapping(cls, merge(data, parse_overrides(list(overrides))))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; its keys are checked later, after merging."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"--config: {path} must hold a mapping of keys, not {type(data).__name__}"
+        )
+    return data
 
 
 def commented_yaml(obj: Any, indent: int = 0) -> str:

@@ -82,3 +82,24 @@ def test_bench_config_validates_directly():
         BenchConfig(seconds=float("nan"))
     with pytest.raises(ValueError, match="target: must be one of"):
         BenchConfig(target="gpu")  # type: ignore[arg-type]
+
+
+def test_bench_export_json_line(capsys):
+    code = main(["bench", "export", "--json", "--seconds", "0.1", "--rounds", "1"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0  # export only reports; it has no goal
+    assert result["target"] == "export" and result["goals"] == {} and result["goals_met"] is True
+    assert result["sizes"] == [3, 20] and result["batch"] == 1 and result["rounds"] == 1
+    for size in (3, 20):
+        for fmt in ("torch", "torchscript", "onnx", "int8"):
+            name = f"{fmt}_s{size}"
+            median, p99 = result[f"{name}_median_us"], result[f"{name}_p99_us"]
+            assert math.isfinite(median) and 0 < median <= p99, name
+            assert result["calls"][name] > 0
+            assert len(result[f"{name}_calls_per_s_rounds"]) == 1
+        for fmt in ("torchscript", "onnx", "int8"):
+            assert result[f"{fmt}_speedup_s{size}"] == pytest.approx(
+                result[f"torch_s{size}_median_us"] / result[f"{fmt}_s{size}_median_us"], rel=1e-12
+            )
+    assert "20 slices" in err  # progress goes to stderr
