@@ -4,8 +4,12 @@ before any trial starts."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,53 @@ def test_unreachable_mlflow_server_is_named_before_trials_start(tmp_path):
     assert out.returncode == 2
     assert "MLflow tracking server 'http://127.0.0.1:9' is not reachable" in out.stderr
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store and artifact folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer /health within 120 s")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    cmd = tune_command(tmp_path, str(SMALL))
+    cmd += ["--tracking-uri", mlflow_server, "--set", "num_samples=2", "--set", "max_iterations=2"]
+    out = run(cmd, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("deepslicing-sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for r in runs:
+        assert "objective" in r.data.metrics
+        assert "maddpg/actor_lr" in r.data.params
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
