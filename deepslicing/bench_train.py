@@ -36,21 +36,14 @@ def bench_train(config) -> dict[str, Any]:
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
     from deepslicing.bench import _log, interleave
+    from deepslicing.ray_runtime import init_ray
     from policies.maddpg import MADDPGConfig
 
     settings = MADDPGConfig()
     hiddens = list(settings.actor_hiddens)
     batch = settings.train_batch_size_per_learner
     utd = settings.updates_per_step
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            object_store_memory=200 * 1024**2,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    started_ray = init_ray(num_cpus=2)
     try:
         maddpg = (
             MADDPGConfig()

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from deepslicing import metrics
 from deepslicing.config import from_mapping, option, to_dict
+from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from deepslicing.train import MaddpgSettings, TrainConfig, algorithm_config
 
@@ -345,8 +346,6 @@ def resolved_tracking_uri(sweep: SweepConfig) -> str | None:
 
 
 def run(sweep: SweepConfig) -> int:
-    import os
-
     import ray
 
     from deepslicing.tracking import TrackingError
@@ -356,20 +355,12 @@ def run(sweep: SweepConfig) -> int:
     except TrackingError as e:
         print(f"deepslicing tune: error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(
-            address="local",
-            num_cpus=sweep.num_cpus,
-            object_store_memory=200 * 1024**2,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    started_ray = init_ray(sweep.num_cpus)
     try:
         results = build_tuner(sweep, uri).fit()
     finally:
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
     errors = [r for r in results if r.error]
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
     print(f"\n{len(results)} trials, {len(errors)} failed; results in {results.experiment_path}")
