@@ -274,3 +274,16 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(tmp_path, local_cluster):
     history = client.get_metric_history(run.info.run_id, "utility_mean")
     assert [m.step for m in history] == [1, 2]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["iterations"] == 2
+
+
+def test_mlflow_server_down_is_named_and_results_still_land(tmp_path):
+    cmd = train_command(tmp_path, "--iterations", "2", "--checkpoint-every", "1")
+    cmd += ["--tracking-uri", "http://127.0.0.1:9"]  # nothing listens on the discard port
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env=quiet_env(), cwd=tmp_path, timeout=300
+    )
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "MLflow tracking server 'http://127.0.0.1:9' is not reachable" in out.stderr
+    run_dir = tmp_path / "run"
+    assert [int(r["iteration"]) for r in read_progress(run_dir)] == [1, 2]
+    assert json.loads((run_dir / "state.json").read_text())["iteration"] == 2
