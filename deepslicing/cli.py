@@ -65,6 +65,16 @@ COMMANDS = (
         "deepslicing.export:ExportConfig:run",
         "export a MADDPG checkpoint's actors as ONNX, TorchScript and int8 ONNX with metadata",
     ),
+    Command(
+        "register",
+        "deepslicing.registry:RegisterConfig:run",
+        "evaluate, export and register a checkpoint in MLflow; champion alias only if it is better",
+    ),
+    Command(
+        "compare",
+        "deepslicing.compare:CompareConfig:run",
+        "compare the runs of an MLflow experiment: table of params and metrics, and a plot",
+    ),
 )
 
 
@@ -106,8 +116,8 @@ def build_parser(command: Command, config_cls: type) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            continue  # nested sections are set with --config or --set section.key=value
+        if dataclasses.is_dataclass(tp) or _holds_dataclasses(tp):
+            continue  # nested sections and lists of them come from --config or --set
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             help_text = f"{help_text} (default: {_show(f.default)})"
@@ -157,6 +167,11 @@ def resolve(config_cls: type, args: argparse.Namespace):
         raise ConfigError("--config: give the YAML file once, as the argument or with --config")
     base = read_yaml(path) if path else {}
     return from_mapping(config_cls, merge(merge(base, flags), parse_overrides(args.set)))
+
+
+def _holds_dataclasses(tp) -> bool:
+    args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+    return any(dataclasses.is_dataclass(a) or _holds_dataclasses(a) for a in args)
 
 
 def _flag_type(tp):

@@ -181,10 +181,14 @@ class PairResult:
     needed_share: np.ndarray  # (episode_length, num_slices) true needed shares of episode 0
 
 
-def evaluate_pair(env: SlicingConfig, policy_name: str, episodes: int, seed: int) -> PairResult:
-    """Run ``episodes`` episodes of one policy in the scenario ``env.scenario``, seeded by ``seed``."""
+def evaluate_pair(
+    env: SlicingConfig, policy_name: str, episodes: int, seed: int, policy: Policy | None = None
+) -> PairResult:
+    """Run ``episodes`` episodes of one policy in the scenario ``env.scenario``, seeded by ``seed``.
+    ``policy``, when given, is the callable to run (``policy_name`` then only labels the row), for
+    example an exported ONNX actor from :func:`deepslicing.export.load_exported`."""
     sim = SlicingSimulator(env, num_envs=episodes)
-    policy = resolve_policy(policy_name, sim)
+    policy = resolve_policy(policy_name, sim) if policy is None else policy
     observation = sim.reset(seed)
     utility = np.zeros(episodes)
     cost = np.zeros((episodes, sim.num_slices))

@@ -20,6 +20,8 @@ per unit of cost (cost 1 = one slice-interval in SLA violation).
 | `critic_loss`, `actor_loss` | mean MADDPG losses over this iteration's updates                          |
 | `q_mean`                    | mean critic value Q_i(o, a) over this iteration's batches                 |
 | `objective`                 | what sweeps optimise: utility_mean - SLA_PENALTY x sla_violation_rate     |
+| `suite_score`               | registry: mean over the evaluation suite's scenarios of `objective`      |
+| `resource_usage`            | evaluation: mean sum of allocated shares per interval, in [0, 1]         |
 | `hp/<key>`                  | a swept hyperparameter's current value (PBT changes them mid-trial)       |
 
 ``SLA_PENALTY`` = 0.25 utility per unit of violation rate: a policy that keeps utility but violates
@@ -44,6 +46,8 @@ ACTOR_LOSS = "actor_loss"
 Q_MEAN = "q_mean"
 NUM_UPDATES = "num_updates"
 OBJECTIVE = "objective"
+SUITE_SCORE = "suite_score"  # registry: mean over scenarios of objective()
+RESOURCE_USAGE = "resource_usage"
 HYPERPARAMETER = "hp"  # per swept key: f"{HYPERPARAMETER}/{key}"
 SLA_PENALTY = 0.25
 

@@ -1,0 +1,442 @@
+"""``deepslicing register``: evaluate a checkpoint, export it, register it, gate the champion alias.
+
+Steps, for one MADDPG checkpoint (the best trial of a sweep, or ``--checkpoint PATH``):
+
+1. **Suite.** Every scenario of ``scenario`` (default ``all``: the synthetic ones), ``episodes``
+   episodes each, traffic seeded by ``seed``, on the cell the checkpoint was trained for (its
+   ``env_config``, with its own coordinator settings). Score (``suite_score`` in
+   :mod:`deepslicing.metrics`) = mean over the scenarios of
+   ``objective(utility_mean, violation_rate)``; higher is better.
+2. **Export** to ``out`` (ONNX always; TorchScript and int8 when ``format`` asks), with
+   ``metadata.json``, via :mod:`deepslicing.export`.
+3. **MLflow run** in ``experiment``: suite settings as params, the score, the suite means and the
+   per-scenario metrics (``<scenario>/utility_mean``, ``<scenario>/sla_violation_rate``,
+   ``<scenario>/objective``, ``<scenario>/resource_usage``); the model logged with the ONNX flavour
+   (``metadata.json`` in its ``extra_files``); the export directory and the suite table as
+   artifacts.
+4. **Registry.** The model becomes a new version of ``model_name`` (``deepslicing-allocator``). The
+   version carries the score and the suite settings as tags (``suite_score``, ``suite_scenarios``,
+   ``suite_episodes``, ``suite_seed``, ``suite_cell``).
+5. **Champion/challenger gate.** The alias ``alias`` (``champion``) moves to the new version only if
+   its score is strictly better than the current champion's; with no champion the new version takes
+   the alias. The decision (``gate_decision`` = ``promoted`` | ``kept_champion``), both scores
+   (``challenger_score``, ``champion_score``), the champion's version and where its score came
+   from (``champion_score_source`` = ``recorded`` | ``re-evaluated`` | ``none``) are tags on the run
+   and on the new version.
+
+Comparability (scores compare like with like): a score depends on the cell, the scenarios, the
+episodes and the seed. ``suite_cell`` is a hash of the cell's config without the scenario and the
+coordinator keys (the coordinator belongs to the model: each model is evaluated with its own).
+
+- Same cell and same scenarios/episodes/seed: the champion's recorded ``suite_score`` is used.
+- Same cell, other scenarios/episodes/seed: the champion is re-evaluated from its registered ONNX
+  model (and the ``metadata.json`` beside it) on the challenger's suite, common random numbers and
+  all, so both scores come from the same traffic.
+- Another cell (slice count, SLAs, PRBs, ...): the two models solve different problems; the command
+  refuses before any work (:class:`GateError`, exit 1) and says to register under another
+  ``model_name``.
+
+Exit codes: 0 registered (promoted or not); 1 the gate refused, export parity failed, or MLflow is
+unreachable; 2 bad input (the message names the field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from deepslicing import metrics
+from deepslicing.config import from_mapping, option, to_dict
+from deepslicing.evaluation import evaluate_pair, write_summary
+from deepslicing.export import FILES, FORMATS, METADATA_FILE, ExportConfig, checkpoint_dir
+from deepslicing.scenarios import SCENARIOS, SYNTHETIC_SCENARIOS
+from deepslicing.simulator import SlicingConfig
+
+MODEL_NAME = "deepslicing-allocator"
+CHAMPION = "champion"
+EXPERIMENT = "deepslicing-registry"
+MODEL_ARTIFACT = "model"
+PROMOTED = "promoted"
+KEPT = "kept_champion"
+COORDINATOR_KEYS = ("coordinator", "admm_rho", "admm_iterations")
+SUITE_FILE = "suite_summary.csv"
+
+
+class GateError(RuntimeError):
+    """The champion/challenger gate cannot compare the two models; the message says why."""
+
+
+class ExportError(RuntimeError):
+    """The export of the checkpoint failed its parity check (``export`` printed which format)."""
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Evaluate a MADDPG checkpoint on the evaluation suite, export it (ONNX + metadata.json), log
+    it to MLflow with the ONNX flavour, register it as a new version of MODEL_NAME and move the
+    ALIAS (champion) to it only if its suite score beats the current champion's."""
+
+    checkpoint: str = option(
+        "", "required: a MADDPG checkpoint directory (RUN_DIR/checkpoints/iter_NNNNNN) or run dir"
+    )
+    scenario: tuple[str, ...] = option(
+        ("all",),
+        f"suite scenarios, comma-separated: all (the synthetic ones) or any of "
+        f"{', '.join(s for s in SCENARIOS if s != 'trace')}",
+    )
+    episodes: int = option(3, "suite episodes per scenario, >= 1")
+    seed: int = option(0, "seed of the suite's traffic, >= 0")
+    tracking_uri: str | None = option(
+        None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    experiment: str = option(EXPERIMENT, "MLflow experiment of the registration runs")
+    model_name: str = option(MODEL_NAME, "registered model name")
+    alias: str = option(CHAMPION, "alias the gate moves to a better version")
+    out: str = option("register_out", "directory for the export (actor.onnx, metadata.json, ...)")
+    format: tuple[Literal["onnx", "torchscript", "int8"], ...] = option(
+        ("onnx",), "export formats: onnx (always), plus torchscript and/or int8 if listed"
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ValueError("checkpoint: required, the directory of a MADDPG checkpoint")
+        checkpoint_dir(self.checkpoint)  # raises naming `checkpoint`
+        if isinstance(self.scenario, str) or not self.scenario:
+            raise ValueError(f"scenario: must name at least one scenario, got {self.scenario!r}")
+        for name in self.scenario:
+            if name == "trace" or (name != "all" and name not in SCENARIOS):
+                raise ValueError(
+                    f"scenario: unknown suite scenario {name!r}; must be 'all' or one of "
+                    f"{SYNTHETIC_SCENARIOS}"
+                )
+        if len(set(self.scenario)) != len(self.scenario):
+            raise ValueError(f"scenario: lists a scenario twice: {self.scenario}")
+        if "all" in self.scenario and len(self.scenario) > 1:
+            raise ValueError("scenario: 'all' already names every scenario; give it alone")
+        for name, low in (("episodes", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        for name in ("experiment", "model_name", "alias", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
+        if self.tracking_uri is not None and not isinstance(self.tracking_uri, str):
+            raise ValueError(f"tracking_uri: must be a URI string, got {self.tracking_uri!r}")
+        for f in self.format:
+            if f not in FORMATS:
+                raise ValueError(f"format: must be among {FORMATS}, got {f!r}")
+
+    def scenarios(self) -> tuple[str, ...]:
+        return SYNTHETIC_SCENARIOS if self.scenario == ("all",) else tuple(self.scenario)
+
+    def formats(self) -> tuple[str, ...]:
+        return ("onnx", *(f for f in self.format if f != "onnx"))
+
+
+# --- the suite --------------------------------------------------------------------------------
+
+
+def cell_fingerprint(env: SlicingConfig) -> str:
+    """A hash of the cell a score was measured on: the env config without the scenario and the
+    coordinator (which belongs to the model)."""
+    data = to_dict(env)
+    for key in ("scenario", *COORDINATOR_KEYS):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def suite_tags(config: RegisterConfig, env: SlicingConfig) -> dict[str, str]:
+    return {
+        "suite_scenarios": ",".join(config.scenarios()),
+        "suite_episodes": str(config.episodes),
+        "suite_seed": str(config.seed),
+        "suite_cell": cell_fingerprint(env),
+    }
+
+
+def evaluate_suite(
+    env: SlicingConfig,
+    scenarios: tuple[str, ...],
+    episodes: int,
+    seed: int,
+    label: str,
+    policy=None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The suite score and one evaluation row per scenario of one policy (a checkpoint directory
+    as ``label``, or ``policy`` a callable such as an exported ONNX actor)."""
+    rows = [
+        evaluate_pair(dataclasses.replace(env, scenario=s), label, episodes, seed, policy).row
+        for s in scenarios
+    ]
+    score = float(
+        np.mean([metrics.objective(r["utility_mean"], r["violation_rate"]) for r in rows])
+    )
+    return score, rows
+
+
+def suite_metrics(score: float, rows: list[dict[str, Any]]) -> dict[str, float]:
+    out = {
+        metrics.SUITE_SCORE: score,
+        metrics.OBJECTIVE: score,
+        metrics.UTILITY_MEAN: float(np.mean([r["utility_mean"] for r in rows])),
+        metrics.SLA_VIOLATION_RATE: float(np.mean([r["violation_rate"] for r in rows])),
+        metrics.RESOURCE_USAGE: float(np.mean([r["resource_usage"] for r in rows])),
+    }
+    for r in rows:
+        s = r["scenario"]
+        out[f"{s}/{metrics.UTILITY_MEAN}"] = r["utility_mean"]
+        out[f"{s}/{metrics.SLA_VIOLATION_RATE}"] = r["violation_rate"]
+        out[f"{s}/{metrics.OBJECTIVE}"] = metrics.objective(r["utility_mean"], r["violation_rate"])
+        out[f"{s}/{metrics.RESOURCE_USAGE}"] = r["resource_usage"]
+    return out
+
+
+# --- the gate ---------------------------------------------------------------------------------
+
+
+def current_champion(client, config: RegisterConfig):
+    """The model version holding the alias, or None (no registered model or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(config.model_name, config.alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def check_comparable(champion, tags: dict[str, str], config: RegisterConfig) -> None:
+    cell = champion.tags.get("suite_cell")
+    if cell != tags["suite_cell"]:
+        raise GateError(
+            f"model_name: the {config.alias} of {config.model_name!r} (version "
+            f"{champion.version}) was scored on another cell (suite_cell {cell}, this checkpoint's "
+            f"is {tags['suite_cell']}: different slices, SLAs or PRBs), so their scores do not "
+            "compare. Register this model under another --model-name."
+        )
+
+
+def champion_score(
+    client, champion, tags: dict[str, str], config: RegisterConfig, uri: str
+) -> tuple[float, str]:
+    """The champion's score on the challenger's suite: its recorded tag when the suite is the
+    same, else a re-evaluation of its registered ONNX model on this suite."""
+    same = all(champion.tags.get(k) == v for k, v in tags.items())
+    recorded = champion.tags.get(metrics.SUITE_SCORE)
+    if same and recorded is not None:
+        return float(recorded), "recorded"
+    import mlflow
+
+    from deepslicing.export import load_exported
+
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=client.get_model_version_download_uri(
+                    config.model_name, champion.version
+                ),
+                dst_path=scratch,
+                tracking_uri=uri,
+                registry_uri=uri,
+            )
+        )
+        export = Path(scratch) / "export"
+        export.mkdir()
+        (local / "model.onnx").rename(export / FILES["onnx"])
+        (local / "extra_files" / METADATA_FILE).rename(export / METADATA_FILE)
+        actor = load_exported(export, "onnx")
+        env = from_mapping(SlicingConfig, actor.metadata["env"])
+        score, _ = evaluate_suite(
+            env,
+            config.scenarios(),
+            config.episodes,
+            config.seed,
+            f"{config.model_name}/{champion.version}",
+            lambda obs: actor(obs).astype(np.float64),
+        )
+    return score, "re-evaluated"
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def register(checkpoint: str | Path, **settings: Any) -> dict[str, Any]:
+    """Register ``checkpoint`` (see the module docstring); ``settings`` are
+    :class:`RegisterConfig` fields. Returns the version, scores and gate decision. Raises
+    ``ValueError`` (bad input, naming the field), :class:`GateError` or
+    :class:`~deepslicing.tracking.TrackingError`."""
+    return register_config(RegisterConfig(checkpoint=str(checkpoint), **settings))
+
+
+def register_config(config: RegisterConfig) -> dict[str, Any]:
+    import mlflow
+    import onnx
+    from mlflow import MlflowClient
+
+    from deepslicing import export
+    from deepslicing.tracking import RunTracker, check_server, tracking_uri
+    from policies.maddpg.env_runner import slicing_config
+
+    checkpoint = checkpoint_dir(config.checkpoint)
+    uri = tracking_uri(config.tracking_uri)
+    check_server(uri)
+    env = slicing_config(export.algorithm_config(checkpoint))
+    tags = suite_tags(config, env)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion = current_champion(client, config)
+    if champion is not None:
+        check_comparable(champion, tags, config)  # refuse before any work
+
+    score, rows = evaluate_suite(
+        env, config.scenarios(), config.episodes, config.seed, str(checkpoint)
+    )
+    out = Path(config.out)
+    code = export.run(
+        ExportConfig(
+            checkpoint=str(checkpoint), format=config.formats(), out=config.out, seed=config.seed
+        )
+    )
+    if code:
+        raise ExportError(f"format: the export to {out} is outside its parity tolerance")
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    write_summary(rows, out / SUITE_FILE)
+
+    tracker = RunTracker(
+        config.experiment,
+        uri=uri,
+        run_name=f"register-{checkpoint.parent.parent.name}-{checkpoint.name}",
+        tags={"model_name": config.model_name, "source_checkpoint": str(checkpoint), **tags},
+    )
+    try:
+        tracker.log_params(
+            {
+                "checkpoint": str(checkpoint),
+                "model_version": metadata["model_version"],
+                "num_slices": metadata["num_slices"],
+                "variant": metadata.get("variant"),
+                "suite": {
+                    "scenarios": config.scenarios(),
+                    "episodes": config.episodes,
+                    "seed": config.seed,
+                },
+            }
+        )
+        tracker.log_metrics(suite_metrics(score, rows), step=0)
+        previous_uri = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            with mlflow.start_run(run_id=tracker.run_id):
+                info = mlflow.onnx.log_model(
+                    onnx.load(str(out / FILES["onnx"])),
+                    name=MODEL_ARTIFACT,
+                    registered_model_name=config.model_name,
+                    extra_files=[str(out / METADATA_FILE)],
+                    save_as_external_data=False,
+                    onnx_execution_providers=["CPUExecutionProvider"],
+                    input_example=np.zeros(
+                        (1, metadata["num_slices"], metadata["num_features"]), "f4"
+                    ),
+                )
+                mlflow.log_artifacts(str(out), "export")
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+        version = str(info.registered_model_version)
+        for key, value in {
+            **tags,
+            metrics.SUITE_SCORE: f"{score:.10g}",
+            "run_id": tracker.run_id,
+        }.items():
+            client.set_model_version_tag(config.model_name, version, key, value)
+
+        if champion is None:
+            best, source, decision = None, "none", PROMOTED
+        else:
+            best, source = champion_score(client, champion, tags, config, uri)
+            decision = PROMOTED if score > best else KEPT
+        if decision == PROMOTED:
+            client.set_registered_model_alias(config.model_name, config.alias, version)
+        gate = {
+            "gate_decision": decision,
+            "challenger_score": f"{score:.10g}",
+            "champion_score": "none" if best is None else f"{best:.10g}",
+            "champion_version": "none" if champion is None else str(champion.version),
+            "champion_score_source": source,
+            "registered_version": version,
+        }
+        tracker.set_tags(gate)
+        for key, value in gate.items():
+            client.set_model_version_tag(config.model_name, version, key, value)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return {
+        "model_name": config.model_name,
+        "version": version,
+        "run_id": tracker.run_id,
+        "model_uri": f"models:/{config.model_name}/{version}",
+        "score": score,
+        "champion_version": None if champion is None else str(champion.version),
+        "champion_score": best,
+        "champion_score_source": source,
+        "decision": decision,
+        "alias": config.alias,
+        "alias_version": version if decision == PROMOTED else str(champion.version),
+        "suite": tags,
+        "scenarios": rows,
+        "tracking_uri": uri,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [f"{'scenario':<12}  {'utility':>8}  {'SLA viol %':>10}  {'objective':>9}"]
+    for r in result["scenarios"]:
+        objective = metrics.objective(r["utility_mean"], r["violation_rate"])
+        lines.append(
+            f"{r['scenario']:<12}  {r['utility_mean']:8.4f}  {100 * r['violation_rate']:10.1f}  "
+            f"{objective:9.4f}"
+        )
+    lines.append(f"suite score {result['score']:.4f}")
+    lines.append(
+        f"registered {result['model_name']} version {result['version']} "
+        f"(run {result['run_id']}, {result['tracking_uri']})"
+    )
+    if result["champion_version"] is None:
+        lines.append(f"gate: no {result['alias']} yet; version {result['version']} takes the alias")
+    else:
+        verdict = (
+            f"promoted: version {result['version']} is the new {result['alias']}"
+            if result["decision"] == PROMOTED
+            else f"kept {result['alias']} version {result['champion_version']}"
+        )
+        lines.append(
+            f"gate: challenger {result['score']:.4f} vs {result['alias']} version "
+            f"{result['champion_version']} {result['champion_score']:.4f} "
+            f"({result['champion_score_source']}); {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def run(config: RegisterConfig) -> int:
+    from deepslicing.tracking import TrackingError
+
+    try:
+        result = register_config(config)
+    except (GateError, ExportError, TrackingError) as e:
+        print(f"deepslicing register: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"deepslicing register: error: {e}", file=sys.stderr)
+        return 2
+    print(report(result))
+    return 0
