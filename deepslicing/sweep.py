@@ -23,7 +23,9 @@ headline metrics of :mod:`deepslicing.metrics`, the sweep ``objective``, and eac
 ``hp/<key>`` (so PBT's changes are visible as metrics; MLflow params cannot change).
 
 MLflow: ``MLflowLoggerCallback`` makes every trial a run in ``experiment`` with the trial's full
-resolved config as params, per-iteration metrics, and tags for scenario, variant and sweep.
+resolved config as params, per-iteration metrics, and tags for scenario, variant and sweep. With
+``register`` (default on) the best trial's last checkpoint then goes through
+:func:`deepslicing.registry.register`: suite evaluation, export, registration, champion gate.
 Tune's own results and checkpoints go to ``storage_path/name``.
 
 Everything is checked before Ray starts: unknown keys, an empty search space, a search key that
@@ -126,6 +128,11 @@ class SweepConfig:
     )
     experiment: str = option("deepslicing-sweeps", "MLflow experiment of the trials")
     num_cpus: int = option(2, "CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
+    register: bool = option(
+        True,
+        "evaluate the best trial on the suite, export it and register it in MLflow as "
+        "deepslicing-allocator (the champion alias moves only if it beats the champion)",
+    )
     search_space: tuple[SearchDimension, ...] = option((), "the swept settings (see the docstring)")
     env: SlicingConfig = dataclasses.field(
         default_factory=SlicingConfig,
@@ -371,4 +378,13 @@ def run(sweep: SweepConfig) -> int:
         print(f"best checkpoint: {best.checkpoint.path}")
     if uri:
         print(f"MLflow experiment {sweep.experiment!r} at {uri}")
+    if sweep.register and uri and best.checkpoint is not None:
+        from deepslicing.registry import register, report
+
+        outcome = register(
+            best.checkpoint.path,
+            tracking_uri=uri,
+            out=str(Path(results.experiment_path) / "best_export"),
+        )
+        print(f"\nbest trial, registered:\n{report(outcome)}")
     return 1 if errors else 0

@@ -63,6 +63,12 @@ def test_small_asha_sweep_runs_trials_stops_some_and_logs_each_to_mlflow(tmp_pat
     assert max(iterations) == 4
     assert min(iterations) < 4, f"ASHA stopped no trial early: {iterations}"
 
+    # the best trial went through the registry: a version of the model with the champion alias
+    assert "best trial, registered" in out.stdout
+    version = client.get_model_version_by_alias("deepslicing-allocator", "champion")
+    assert version.tags["gate_decision"] == "promoted"
+    assert float(version.tags["suite_score"]) > -1
+
 
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
