@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -277,17 +278,15 @@ def build_tuner(sweep: SweepConfig, tracking_uri: str | None):
             reduction_factor=sweep.reduction_factor,
         )
     else:
+        random.seed(sweep.seed)  # PBT draws its exploit/explore choices from `random`
         scheduler = PopulationBasedTraining(
             perturbation_interval=sweep.perturbation_interval,
             hyperparam_mutations=_nested({d.key: d.sampler() for d in sweep.search_space}),
-            seed=sweep.seed,
         )
     callbacks = []
     if tracking_uri is not None:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
         callbacks.append(
-            MLflowLoggerCallback(
+            _mlflow_logger()(
                 tracking_uri=tracking_uri,
                 experiment_name=sweep.experiment,
                 tags={
@@ -315,10 +314,25 @@ def build_tuner(sweep: SweepConfig, tracking_uri: str | None):
             storage_path=str(Path(sweep.storage_path).resolve()),
             stop={"training_iteration": sweep.max_iterations},
             callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # PBT exploits other trials' recent checkpoints; keeping 4 leaves them in place
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             verbose=1,  # the status table, not every result of every trial
         ),
     )
+
+
+def _mlflow_logger():
+    """Tune's MLflow logger, logging a trial's params once: PBT restarts trials with mutated
+    values, which MLflow params cannot take; params keep the first values and the ``hp/<key>``
+    metrics follow every change."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class FirstStartParamsLogger(MLflowLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            if trial not in self._trial_runs:
+                super().log_trial_start(trial)
+
+    return FirstStartParamsLogger
 
 
 def _trial_name(trial) -> str:

@@ -167,3 +167,29 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
         assert "objective" in r.data.metrics
         assert "maddpg/actor_lr" in r.data.params
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
+
+
+def test_pbt_sweep_logs_mutated_hyperparameters_as_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cmd = tune_command(tmp_path, str(SMALL), "--scheduler", "pbt", "--no-register")
+    cmd += [
+        "--set",
+        "num_samples=2",
+        "--set",
+        "max_iterations=4",
+        "--set",
+        "perturbation_interval=2",
+    ]
+    out = run(cmd, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 trials, 0 failed" in out.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("deepslicing-sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for r in runs:
+        history = client.get_metric_history(r.info.run_id, "hp/maddpg.actor_lr")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        # the param keeps the trial's first value; the metric follows PBT's changes
+        assert history[0].value == pytest.approx(float(r.data.params["maddpg/actor_lr"]))
