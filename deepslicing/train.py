@@ -41,6 +41,7 @@ from ray.util import log_once
 
 from deepslicing import metrics
 from deepslicing.config import ConfigError, option, to_dict
+from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from policies.maddpg import VARIANTS, MADDPGConfig
 
@@ -76,6 +77,13 @@ class MaddpgSettings:
     )
     exploration_noise: float = option(
         _DEFAULTS.exploration_noise, "std of the Gaussian noise on requested shares"
+    )
+    cooperative: bool = option(
+        _DEFAULTS.cooperative,
+        "every actor maximises the sum of all slices' critics (the cell's utility), not its own",
+    )
+    request_penalty: float = option(
+        _DEFAULTS.request_penalty, "actor-loss weight on requested shares beyond the cell (>= 0)"
     )
     replay_capacity: int = option(_DEFAULTS.replay_capacity, "joint transitions kept in replay")
     learning_starts: int = option(
@@ -190,6 +198,8 @@ def algorithm_config(config: TrainConfig) -> MADDPGConfig:
             train_batch_size_per_learner=m.batch_size,
             updates_per_step=m.updates_per_step,
             exploration_noise=m.exploration_noise,
+            cooperative=m.cooperative,
+            request_penalty=m.request_penalty,
             replay_capacity=m.replay_capacity,
             num_steps_sampled_before_learning_starts=m.learning_starts,
             share_parameters_by_kind=m.share_parameters_by_kind,
@@ -316,18 +326,7 @@ def run(config: TrainConfig) -> int:
     tracker, tracking_error = start_tracking(config, state)
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(
-                address="local",  # a new instance, even when `ray start` left one running
-                num_cpus=config.num_cpus,
-                object_store_memory=200 * 1024**2,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+    started_ray = init_ray(config.num_cpus)
     status = "FAILED"
     try:
         final = train_loop(config, state, tracker)

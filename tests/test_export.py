@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import ray
 import torch
 import yaml
 
@@ -53,21 +52,11 @@ def run_dir(tmp_path_factory) -> Path:
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump({"env": {"episode_length": 50, "slices": SLICES}}))
     run = root / "run"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=200 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
+    code = main(  # starts and stops its own local Ray
+        ["train", "--config", str(config), "--iterations", "3", "--run-dir", str(run)]
+        + ["--no-tracking", "--eval-episodes", "0", "--seed", "0"]
+        + ["--set", "maddpg.learning_starts=400", "--set", "maddpg.batch_size=64"]
     )
-    try:
-        code = main(
-            ["train", "--config", str(config), "--iterations", "3", "--run-dir", str(run)]
-            + ["--no-tracking", "--eval-episodes", "0", "--seed", "0"]
-            + ["--set", "maddpg.learning_starts=400", "--set", "maddpg.batch_size=64"]
-        )
-    finally:
-        ray.shutdown()
     assert code == 0
     return run
 

@@ -11,7 +11,6 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-import ray
 import torch
 
 from deepslicing import metrics
@@ -25,16 +24,6 @@ from policies.maddpg.torch.default_maddpg_torch_rl_module import MADDPGTorchRLMo
 from policies.maddpg.torch.maddpg_torch_learner import maddpg_losses
 
 NUM_SLICES, NUM_FEATURES = 3, 6
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    # address="local": a fresh instance, even when another Ray cluster runs on this machine
-    ray.init(
-        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
-    )
-    yield
-    ray.shutdown()
 
 
 def make_module(inference_only: bool = False, groups=None) -> MADDPGTorchRLModule:
@@ -131,17 +120,21 @@ def test_inference_only_module_has_no_critic_weights():
         torch.testing.assert_close(actors.act(obs), full.act(obs))
 
 
-def test_losses_train_only_their_own_networks():
-    module = make_module()
-    n = 16
-    batch = {
+def random_batch(cost: float, n: int = 16) -> dict[str, torch.Tensor]:
+    """Replay columns of ``n`` random joint transitions, every slice's cost set to ``cost``."""
+    return {
         "obs": torch.rand(n, NUM_SLICES, NUM_FEATURES),
         "actions": torch.rand(n, NUM_SLICES),
         "rewards": torch.rand(n, NUM_SLICES),
-        "costs": torch.ones(n, NUM_SLICES),
+        "costs": torch.full((n, NUM_SLICES), cost),
         "next_obs": torch.rand(n, NUM_SLICES, NUM_FEATURES),
         "dones": torch.zeros(n),
     }
+
+
+def test_losses_train_only_their_own_networks():
+    module = make_module()
+    batch = random_batch(cost=1.0)
     critic_loss, actor_loss, _ = maddpg_losses(module, batch, torch.zeros(NUM_SLICES), 0.9)
     actor_loss.backward()
     assert all(p.grad is None for p in module.critic.parameters())
@@ -153,6 +146,26 @@ def test_losses_train_only_their_own_networks():
     with torch.no_grad():
         priced, _, _ = maddpg_losses(module, batch, torch.full((NUM_SLICES,), 5.0), 0.9)
     assert priced > critic_loss
+
+
+def test_cooperative_actor_loss_climbs_every_critic_and_prices_excess_requests():
+    module = make_module()
+    batch = random_batch(cost=0.0)
+    zero = torch.zeros(NUM_SLICES)
+    with torch.no_grad():
+        own = module.act(batch["obs"])
+        joint_q = module.q_values(batch["obs"], own)  # every critic at the actors' joint action
+        excess = (own.sum(dim=-1) - 1.0).clamp(min=0.0).mean()
+        _, cooperative, _ = maddpg_losses(module, batch, zero, 0.0, cooperative=True)
+        _, penalised, _ = maddpg_losses(
+            module, batch, zero, 0.0, cooperative=True, request_penalty=2.0
+        )
+    torch.testing.assert_close(cooperative, -joint_q.mean(dim=0).sum())
+    torch.testing.assert_close(penalised, cooperative + 2.0 * excess)
+    # actor 0's gradient reaches it through the OTHER slices' critics too
+    others_only = -module.q_values(batch["obs"], module.act(batch["obs"]), frozen=True)[:, 1:]
+    others_only.mean(dim=0).sum().backward()
+    assert module.actor.weights[0].grad[0].abs().sum() > 0
 
 
 def test_replay_keeps_transitions_time_aligned():
@@ -199,6 +212,8 @@ def test_dual_ascent_projects_onto_nonnegative():
         ({"gamma": 1.5}, "gamma"),
         ({"updates_per_step": 0}, "updates_per_step"),
         ({"exploration_noise": -0.1}, "exploration_noise"),
+        ({"request_penalty": -0.5}, "request_penalty"),
+        ({"cooperative": "yes"}, "cooperative"),
         ({"replay_capacity": 8}, "replay_capacity"),
         ({"variant": "penalty"}, "variant"),
         ({"admm_rho": 0.0}, "admm_rho"),

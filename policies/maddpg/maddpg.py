@@ -11,7 +11,7 @@ Build it like RLlib's SAC::
     config = (
         MADDPGConfig()
         .environment(env_config={"scenario": "steady"})  # SlicingConfig fields
-        .training(variant="both", actor_lr=3e-4, cost_budget=0.15)
+        .training(variant="both", actor_lr=3e-4, cost_budget=0.25)
         .env_runners(num_envs_per_env_runner=8)
         .debugging(seed=0)
     )
@@ -36,13 +36,17 @@ back to the env runners. At the first learning step the actors' and critics' obs
 standardisation is fitted to the warm-up data in the replay.
 
 Defaults (tuned on the `steady` scenario, 3 slices, on a 2-core machine): actors and critics
-64 x 64 ReLU; Adam, actor_lr 3e-4, critic_lr 1e-3; tau 0.01; gamma 0.5 (traffic is exogenous, so
-an action mostly matters for its own interval, and a short horizon keeps the critics easy to
-learn); batch 256; updates_per_step 0.5; exploration_noise 0.03 (share units); replay 100,000;
-3,200 warm-up env steps; variant "both" with ADMM rho 0.5 x 20 iterations, cost_budget 0.15,
-multiplier_lr 0.05, multiplier_max 1.0; one local env runner with 8 cells, 50 intervals per
-sample, and a local learner (num_learners=0). One iteration is at least 1,600 env steps, that is
-one 200-interval episode of every cell.
+64 x 64 ReLU; Adam, actor_lr 3e-4, critic_lr 1e-3; tau 0.01; gamma 0 (the traffic is exogenous:
+an allocation changes no future traffic and scores only its own interval, so the best policy is
+myopic and a per-interval critic is the easiest to learn); cooperative actors (each climbs the sum
+of all slices' critics, the cell's priced utility) with request_penalty 0.5 on requests beyond the
+cell (see :mod:`policies.maddpg.torch.maddpg_torch_learner`); batch 256; updates_per_step 0.5;
+exploration_noise 0.03 (share units); replay 100,000; 3,200 warm-up env steps; variant "both"
+with ADMM rho 0.5 x 20 iterations, cost_budget 0.25 (even the per-interval oracle, which knows the
+coming demand, leaves eMBB short in about a fifth of the intervals on this cell), multiplier_lr
+0.05, multiplier_max 1.0; one local env runner with 8 cells, 50 intervals per sample, and a local
+learner (num_learners=0). One iteration is at least 1,600 env steps, that is one 200-interval
+episode of every cell.
 """
 
 from __future__ import annotations
@@ -90,10 +94,12 @@ class MADDPGConfig(AlgorithmConfig):
         self.critic_lr = 1e-3
         self.lr = None  # use actor_lr and critic_lr
         self.tau = 0.01
-        self.gamma = 0.5
+        self.gamma = 0.0
         self.train_batch_size_per_learner = 256
         self.updates_per_step = 0.5
         self.exploration_noise = 0.03
+        self.cooperative = True
+        self.request_penalty = 0.5
         self.replay_capacity = 100_000
         self.num_steps_sampled_before_learning_starts = 3_200
         self.share_parameters_by_kind = False
@@ -102,7 +108,7 @@ class MADDPGConfig(AlgorithmConfig):
         self.variant = "both"
         self.admm_rho = DEFAULT_RHO
         self.admm_iterations = DEFAULT_ITERATIONS
-        self.cost_budget = 0.15
+        self.cost_budget = 0.25
         self.multiplier_lr = 0.05
         self.multiplier_max = 1.0
         self.torch_num_threads = 1
@@ -127,6 +133,8 @@ class MADDPGConfig(AlgorithmConfig):
         tau: float = NotProvided,
         updates_per_step: float = NotProvided,
         exploration_noise: float = NotProvided,
+        cooperative: bool = NotProvided,
+        request_penalty: float = NotProvided,
         replay_capacity: int = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
         share_parameters_by_kind: bool = NotProvided,
@@ -151,6 +159,11 @@ class MADDPGConfig(AlgorithmConfig):
             updates_per_step: update-to-data ratio: gradient updates per env step sampled (one
                 env step = one cell for one interval), > 0; fractions carry over.
             exploration_noise: std of the Gaussian noise added to requested shares, >= 0.
+            cooperative: True: every actor climbs the sum of all slices' critics (the cell's
+                priced utility) at the actors' joint action; False: each actor climbs its own
+                slice's critic (the paper's per-agent loss, slices compete for capacity).
+            request_penalty: actor-loss weight (>= 0) on the requested total above the cell,
+                max(0, sum_i mu_i - 1); keeps requests where the coordinator need not cut them.
             replay_capacity: joint transitions kept, >= train_batch_size_per_learner.
             num_steps_sampled_before_learning_starts: env steps of uniform random requests
                 before the first update.
@@ -176,6 +189,8 @@ class MADDPGConfig(AlgorithmConfig):
             "tau": tau,
             "updates_per_step": updates_per_step,
             "exploration_noise": exploration_noise,
+            "cooperative": cooperative,
+            "request_penalty": request_penalty,
             "replay_capacity": replay_capacity,
             "num_steps_sampled_before_learning_starts": num_steps_sampled_before_learning_starts,
             "share_parameters_by_kind": share_parameters_by_kind,
@@ -209,6 +224,9 @@ class MADDPGConfig(AlgorithmConfig):
         _number_in("gamma", self.gamma, 0.0, 1.0)
         _positive("updates_per_step", self.updates_per_step)
         _number_in("exploration_noise", self.exploration_noise, 0.0, 10.0)
+        _number_in("request_penalty", self.request_penalty, 0.0, 1e6)
+        if not isinstance(self.cooperative, bool):
+            _fail("cooperative", f"must be true or false, got {self.cooperative!r}")
         _number_in("cost_budget", self.cost_budget, 0.0, 1.0)
         _number_in("multiplier_lr", self.multiplier_lr, 0.0, 1e6)
         _positive("multiplier_max", self.multiplier_max)

@@ -6,7 +6,27 @@ Actor-Critic for Mixed Cooperative-Competitive Environments", arXiv:1706.02275, 
 
     y_i          = r_i - lambda_i c_i + gamma (1 - done) Q_i'(o', mu_1'(o_1'), ..., mu_S'(o_S'))
     critic loss  = sum_i mean_batch (Q_i(o, a) - y_i)^2
-    actor loss   = -sum_i mean_batch Q_i(o, a_1, ..., mu_i(o_i), ..., a_S)
+    actor loss   = -sum_i mean_batch Q_i(o, a_1, ..., mu_i(o_i), ..., a_S)        (per slice)
+            or     -sum_i mean_batch Q_i(o, mu_1(o_1), ..., mu_S(o_S))          (cooperative)
+                   + request_penalty mean_batch max(0, sum_i mu_i(o_i) - 1)     (both forms)
+
+Per slice (``cooperative=False``) is the paper's actor loss: each actor climbs its own critic, so
+each slice maximises its own reward, a game over the shared capacity in which a slice gains by
+taking share from the others through the coordinator. Cooperative (``cooperative=True``, the
+default) suits slicing, where the operator wants the cell's utility, the sum of the slices'
+rewards: every actor climbs the SUM of the critics at the actors' joint action, so actor i's
+gradient counts what its request costs the other slices (sum_j dQ_j / da_i). The critics keep
+their per-slice targets (lower variance than one summed target).
+
+The request penalty: the coordinator's projection onto {sum z <= 1} cuts requests by a common
+amount once they exceed the cell, so raising every request alike changes no allocation and no
+reward. Without a pull back, the actors drift into requesting far more than the cell and lose the
+ability to leave share unused when the slices need less than the cell (over-provisioning costs
+utility). The penalty prices requests beyond the cell, at the waste weight by default.
+
+With ``gamma`` 0 the next-state term is dropped and the target networks are not evaluated: the
+traffic is exogenous, so an allocation only scores its own interval, and a per-interval critic
+is the easiest to learn.
 
 Costs are stored raw in the replay and the multipliers applied here, at learning time, so a batch
 always uses the current multipliers. ``done`` is 1 on the last interval of an episode; the
@@ -44,20 +64,29 @@ def maddpg_losses(
     batch: Mapping[str, torch.Tensor],
     multipliers: torch.Tensor,
     gamma: float,
+    *,
+    cooperative: bool = False,
+    request_penalty: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Critic loss, actor loss and the mean Q(o, a) of one batch (see the module docstring)."""
     obs, actions = batch["obs"], batch["actions"]
     with torch.no_grad():
-        next_q = module.q_values(
-            batch["next_obs"], module.act(batch["next_obs"], target=True), target=True
-        )
         y = batch["rewards"] - multipliers * batch["costs"]
-        y = y + gamma * (1.0 - batch["dones"]).unsqueeze(-1) * next_q
+        if gamma:
+            next_q = module.q_values(
+                batch["next_obs"], module.act(batch["next_obs"], target=True), target=True
+            )
+            y = y + gamma * (1.0 - batch["dones"]).unsqueeze(-1) * next_q
     q = module.q_values(obs, actions)
     critic_loss = (q - y).square().mean(dim=0).sum()
     own = module.act(obs)
-    q_own = module.q_values(obs, module.actions_with_own(actions, own), frozen=True)
+    if cooperative:  # every actor climbs the sum of all critics at the actors' joint action
+        q_own = module.q_values(obs, own, frozen=True)
+    else:
+        q_own = module.q_values(obs, module.actions_with_own(actions, own), frozen=True)
     actor_loss = -q_own.mean(dim=0).sum()
+    if request_penalty:  # requests beyond the cell change no allocation: price them
+        actor_loss = actor_loss + request_penalty * (own.sum(dim=-1) - 1.0).clamp(min=0.0).mean()
     return critic_loss, actor_loss, q.detach().mean()
 
 
@@ -92,7 +121,9 @@ class MADDPGTorchLearner(TorchLearner):
         """RLlib's generic ``Learner.update`` path, for a batch keyed like the replay's columns:
         the summed MADDPG losses. ``MADDPG.training_step`` uses :meth:`update_from_replay`."""
         module = self.module[module_id].unwrapped()
-        critic_loss, actor_loss, _ = maddpg_losses(module, batch, self.multipliers, config.gamma)
+        critic_loss, actor_loss, _ = maddpg_losses(
+            module, batch, self.multipliers, config.gamma, **_actor_options(config)
+        )
         return critic_loss + actor_loss
 
     def update_from_replay(self, batches: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -110,10 +141,11 @@ class MADDPGTorchLearner(TorchLearner):
         num_updates, batch_size = tensors["obs"].shape[:2]
         targets, sources = self._targets, self._sources
         sums = torch.zeros(3)
+        options = _actor_options(config)
         for k in range(num_updates):
             batch = {key: value[k] for key, value in tensors.items()}
             critic_loss, actor_loss, q_mean = maddpg_losses(
-                module, batch, self.multipliers, config.gamma
+                module, batch, self.multipliers, config.gamma, **options
             )
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
@@ -169,6 +201,13 @@ class MADDPGTorchLearner(TorchLearner):
             num_updates * batch_size,
             reduce="lifetime_sum",
         )
+
+
+def _actor_options(config) -> dict[str, Any]:
+    return {
+        "cooperative": bool(config.cooperative),
+        "request_penalty": float(config.request_penalty),
+    }
 
 
 def _polyak_pairs(module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
