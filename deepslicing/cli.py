@@ -1,7 +1,8 @@
 """The ``deepslicing`` command line, generated from the config dataclasses.
 
 Each subcommand is a config dataclass plus a ``run(config)`` function. Its flags are the dataclass
-fields (``--episode-length 50``; tuples as comma lists; booleans as ``--x/--no-x``), its help the
+fields (``--episode-length 50``; lists as words or comma lists, ``--policy equal oracle`` or
+``--policy equal,oracle``; booleans as ``--x/--no-x``), its help the
 fields' ``help`` metadata. Every subcommand also takes ``--config FILE.yaml`` and repeatable
 ``--set key=value`` (dotted keys reach nested sections); precedence is defaults < file < flags < --set.
 ``--print-config`` shows the resolved config as commented YAML (a valid ``--config`` file) and exits. Modules are imported only for the
@@ -127,6 +128,8 @@ def build_parser(command: Command, config_cls: type) -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = base
+            if base is _comma_list and f.name not in command.positional:
+                kwargs["nargs"] = "+"  # `--format onnx int8` and `--format onnx,int8` alike
             if choices:
                 kwargs["choices"] = choices
             kwargs["metavar"] = _metavar(tp, f.name)
@@ -161,7 +164,7 @@ def build_parser(command: Command, config_cls: type) -> argparse.ArgumentParser:
 
 def resolve(config_cls: type, args: argparse.Namespace):
     ignored = ("config", "config_file", "set", "print_config")
-    flags = {k: v for k, v in vars(args).items() if k not in ignored}
+    flags = {k: _flatten(v) for k, v in vars(args).items() if k not in ignored}
     path = args.config or getattr(args, "config_file", None)
     if args.config and getattr(args, "config_file", None):
         raise ConfigError("--config: give the YAML file once, as the argument or with --config")
@@ -188,13 +191,20 @@ def _flag_type(tp):
     return str, None
 
 
+def _flatten(value):
+    """A list flag given as several words, each a comma list, as one list."""
+    if isinstance(value, list) and all(isinstance(v, list) for v in value):
+        return [item for words in value for item in words]
+    return value
+
+
 def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _metavar(tp, name: str) -> str:
     return (
-        "A,B,..."
+        "A[,B]"
         if typing.get_origin(tp) is tuple or _flag_type(tp)[0] is _comma_list
         else name.upper()
     )

@@ -67,3 +67,9 @@ def test_bad_yaml_file_is_named(tmp_path, capsys):
         main(["evaluate", "--config", str(config), "--print-config"])
     assert exit_info.value.code == 2
     assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_list_flags_take_words_or_comma_lists(capsys):
+    assert main(["evaluate", "--policy", "equal", "oracle,static", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["policy"] == ["equal", "oracle", "static"]
