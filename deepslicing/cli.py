@@ -2,11 +2,11 @@
 
 Each subcommand is a config dataclass plus a ``run(config)`` function. Its flags are the dataclass
 fields (``--episode-length 50``; lists as words or comma lists, ``--policy equal oracle`` or
-``--policy equal,oracle``; booleans as ``--x/--no-x``), its help the
-fields' ``help`` metadata. Every subcommand also takes ``--config FILE.yaml`` and repeatable
-``--set key=value`` (dotted keys reach nested sections); precedence is defaults < file < flags < --set.
-``--print-config`` shows the resolved config as commented YAML (a valid ``--config`` file) and exits. Modules are imported only for the
-subcommand that runs, so ``deepslicing --help`` stays fast.
+``--policy equal,oracle``; booleans as ``--x/--no-x``), its help the fields' ``help`` metadata.
+Every subcommand also takes ``--config FILE.yaml`` and repeatable ``--set key=value`` (dotted keys
+reach nested sections); precedence is defaults < file < flags < --set. ``--print-config`` shows
+the resolved config as commented YAML (a valid ``--config`` file) and exits. Modules are imported
+only for the subcommand that runs, so ``deepslicing --help`` stays fast.
 """
 
 from __future__ import annotations
