@@ -354,14 +354,12 @@ def _seeded_search(sweep: SweepConfig):
 
 
 def resolved_tracking_uri(sweep: SweepConfig) -> str | None:
-    """Absolute for sqlite (Tune's workers run elsewhere); checked before any trial starts."""
+    """The MLflow store (an absolute path for sqlite), checked before any trial starts."""
     if not sweep.tracking:
         return None
     from deepslicing.tracking import check_server, tracking_uri
 
     uri = tracking_uri(sweep.tracking_uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     check_server(uri)
     return uri
 
