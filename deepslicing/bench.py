@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from deepslicing.config import option
+from deepslicing.config import check_int, option
 
 TARGETS = ("env", "train", "export")
 WARMUP_SECONDS = 0.5  # per contender, before the first round (less when `seconds` is smaller)
@@ -109,9 +109,7 @@ class BenchConfig:
             ("num_envs", 1, 1_000_000),
             ("seed", 0, 2**63 - 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name}: must be an integer in {low}..{high}, got {value!r}")
+            check_int(name, getattr(self, name), low, high)
 
     @property
     def warmup_seconds(self) -> float:

@@ -23,6 +23,14 @@ class ConfigError(ValueError):
     """A config key is unknown, mistyped or out of range; the message names the key."""
 
 
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an integer (not a bool) in range."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int or value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name}: must be an integer {rule}, got {value!r}")
+
+
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a default and the help text the CLI and YAML comments show."""
     if isinstance(default, list | dict | set):

@@ -47,7 +47,7 @@ import numpy as np
 import yaml
 
 from deepslicing.baselines import BASELINES, Policy, make_policy
-from deepslicing.config import option, to_dict
+from deepslicing.config import check_int, option, to_dict
 from deepslicing.coordinator import capacity_violations
 from deepslicing.scenarios import SCENARIOS, SYNTHETIC_SCENARIOS
 from deepslicing.simulator import SlicingConfig, SlicingSimulator
@@ -119,9 +119,7 @@ class EvaluateConfig:
         if "trace" in self.scenario and not self.env.trace_path:
             raise ValueError("scenario: 'trace' needs env.trace_path (a demand CSV)")
         for name, low in (("episodes", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         if not isinstance(self.out, str) or not self.out.strip():
             raise ValueError(f"out: must be a non-empty directory path, got {self.out!r}")
         if not isinstance(self.plots, bool):

@@ -78,7 +78,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from deepslicing.config import option, to_dict
+from deepslicing.config import check_int, option, to_dict
 from deepslicing.model import FEATURE_HIGH, FEATURES, NUM_FEATURES
 
 FORMATS = ("onnx", "torchscript", "int8")
@@ -141,9 +141,7 @@ class ExportConfig:
             ("parity_samples", 1, 1_000_000),
             ("seed", 0, 2**32 - 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name}: must be an integer in {low}..{high}, got {value!r}")
+            check_int(name, getattr(self, name), low, high)
         if not isinstance(self.model_version, str):
             raise ValueError(f"model_version: must be a string, got {self.model_version!r}")
 

@@ -54,7 +54,7 @@ from typing import Any, Literal
 import numpy as np
 
 from deepslicing import metrics
-from deepslicing.config import from_mapping, option, to_dict
+from deepslicing.config import check_int, from_mapping, option, to_dict
 from deepslicing.evaluation import evaluate_pair, write_summary
 from deepslicing.export import FILES, FORMATS, METADATA_FILE, ExportConfig, checkpoint_dir
 from deepslicing.scenarios import SCENARIOS, SYNTHETIC_SCENARIOS
@@ -122,9 +122,7 @@ class RegisterConfig:
         if "all" in self.scenario and len(self.scenario) > 1:
             raise ValueError("scenario: 'all' already names every scenario; give it alone")
         for name, low in (("episodes", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         for name in ("experiment", "model_name", "alias", "out"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from deepslicing import model
-from deepslicing.config import option
+from deepslicing.config import check_int, option
 from deepslicing.coordinator import (
     DEFAULT_ITERATIONS,
     DEFAULT_RHO,
@@ -65,10 +65,8 @@ class SlicingConfig:
     def __post_init__(self) -> None:
         check_scenario(self.scenario)
         self.resolved_slices()
-        positive_ints = {"episode_length": self.episode_length, "num_prbs": self.num_prbs}
-        for name, value in positive_ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
-                raise ValueError(f"{name}: must be an integer in 1..1000000, got {value!r}")
+        for name in ("episode_length", "num_prbs"):
+            check_int(name, getattr(self, name), 1, 1_000_000)
         positive = {"prb_bandwidth_khz": self.prb_bandwidth_khz, "interval_s": self.interval_s}
         for name, value in positive.items():
             if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):

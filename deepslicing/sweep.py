@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepslicing import metrics
-from deepslicing.config import from_mapping, option, to_dict
+from deepslicing.config import check_int, from_mapping, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from deepslicing.train import MaddpgSettings, TrainConfig, algorithm_config
@@ -156,9 +156,7 @@ class SweepConfig:
             ("seed", 0),
             ("num_cpus", 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         if not (isinstance(self.cpus_per_trial, float) and 0 < self.cpus_per_trial <= 64):
             raise ValueError(f"cpus_per_trial: must be in (0, 64], got {self.cpus_per_trial!r}")
         if not self.search_space:

@@ -40,7 +40,7 @@ import yaml
 from ray.util import log_once
 
 from deepslicing import metrics
-from deepslicing.config import ConfigError, option, to_dict
+from deepslicing.config import ConfigError, check_int, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from policies.maddpg import VARIANTS, MADDPGConfig
@@ -154,9 +154,7 @@ class TrainConfig:
             ("eval_episodes", 0),
             ("num_cpus", 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         if not isinstance(self.run_dir, str) or not self.run_dir.strip():
             raise ValueError(f"run_dir: must be a non-empty path, got {self.run_dir!r}")
         defaults = SlicingConfig()
