@@ -72,6 +72,16 @@ COMMANDS = (
         "evaluate, export and register a checkpoint in MLflow; champion alias only if it is better",
     ),
     Command(
+        "serve",
+        "deepslicing.serving:ServeConfig:run_serve",
+        "serve the champion allocation policy over HTTP with Ray Serve (127.0.0.1:8000)",
+    ),
+    Command(
+        "run",
+        "deepslicing.serving:RunConfig:run_main",
+        "the main job: train, register, serve on 127.0.0.1 and print a real /allocate answer",
+    ),
+    Command(
         "compare",
         "deepslicing.compare:CompareConfig:run",
         "compare the runs of an MLflow experiment: table of params and metrics, and a plot",

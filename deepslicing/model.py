@@ -61,9 +61,10 @@ _TINY = 1e-12
 
 @dataclass(frozen=True)
 class SliceArrays:
-    """Resolved slice specs as arrays of shape ``(num_slices,)``; NaN marks an absent target."""
+    """Resolved slice specs as arrays of shape ``(num_slices,)``, or ``(cells, num_slices)`` when
+    serving many cells at once; NaN marks an absent target."""
 
-    kind: tuple[str, ...]
+    kind: tuple[str, ...] | np.ndarray
     weight: np.ndarray
     mean_demand: np.ndarray
     packet_bits: np.ndarray
@@ -100,7 +101,7 @@ class SliceArrays:
 
     def is_kind(self, kind: str) -> np.ndarray:
         assert kind in KINDS
-        return np.array([k == kind for k in self.kind])
+        return np.asarray(self.kind) == kind
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2  # enough for MADDPG's weights; leaves RAM to the rest
+# how often workers report metrics to the node's exporter (Ray's default is 10 s); the Serve app's
+# GET /metrics shows counts this much later
+METRICS_REPORT_INTERVAL_MS = 2000
 
 
 def init_ray(num_cpus: int = 2) -> bool:
@@ -24,5 +27,6 @@ def init_ray(num_cpus: int = 2) -> bool:
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             include_dashboard=False,
             log_to_driver=False,
+            _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
         )
     return True

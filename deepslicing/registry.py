@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -233,25 +234,13 @@ def champion_score(
     recorded = champion.tags.get(metrics.SUITE_SCORE)
     if same and recorded is not None:
         return float(recorded), "recorded"
-    import mlflow
 
     from deepslicing.export import load_exported
 
     with tempfile.TemporaryDirectory() as scratch:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=client.get_model_version_download_uri(
-                    config.model_name, champion.version
-                ),
-                dst_path=scratch,
-                tracking_uri=uri,
-                registry_uri=uri,
-            )
+        export, _ = download_export(
+            f"models:/{config.model_name}/{champion.version}", Path(scratch), uri
         )
-        export = Path(scratch) / "export"
-        export.mkdir()
-        (local / "model.onnx").rename(export / FILES["onnx"])
-        (local / "extra_files" / METADATA_FILE).rename(export / METADATA_FILE)
         actor = load_exported(export, "onnx")
         env = from_mapping(SlicingConfig, actor.metadata["env"])
         score, _ = evaluate_suite(
@@ -263,6 +252,40 @@ def champion_score(
             lambda obs: actor(obs).astype(np.float64),
         )
     return score, "re-evaluated"
+
+
+def download_export(model_uri: str, destination: Path, uri: str) -> tuple[Path, str]:
+    """Download a registered model (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as an
+    export directory that :func:`deepslicing.export.load_exported` reads (ONNX + metadata);
+    returns the directory and the model version it resolved to."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([A-Za-z0-9_\-]+))", model_uri)
+    if match is None:
+        raise ValueError(
+            f"model: must look like models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}"
+        )
+    name, version, alias = match.groups()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if alias is not None:
+        try:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException as e:
+            raise ValueError(f"model: {model_uri} does not resolve in {uri}: {e.message}") from None
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, version),
+            dst_path=str(destination / "download"),
+            tracking_uri=uri,
+            registry_uri=uri,
+        )
+    )
+    export = destination / "export"
+    export.mkdir(parents=True, exist_ok=True)
+    (local / "model.onnx").replace(export / FILES["onnx"])
+    (local / "extra_files" / METADATA_FILE).replace(export / METADATA_FILE)
+    return export, version
 
 
 # --- registration -----------------------------------------------------------------------------

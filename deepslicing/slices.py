@@ -42,6 +42,38 @@ class SliceConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """An interval of allowed values: ``low < v`` (or ``<=`` when ``low_inclusive``), ``v <= high``
+    (or ``<`` when not ``high_inclusive``)."""
+
+    low: float
+    high: float
+    unit: str
+    low_inclusive: bool = False
+    high_inclusive: bool = True
+
+    def contains(self, v: float) -> bool:
+        above = v >= self.low if self.low_inclusive else v > self.low
+        below = v <= self.high if self.high_inclusive else v < self.high
+        return above and below
+
+    def rule(self) -> str:
+        left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
+        return f"must be in {left}{self.low:g}, {self.high:g}{right} {self.unit}"
+
+
+# The allowed range of each SLA target, shared by slice specs and the HTTP schema. Latency must
+# exceed the base delay, which no allocation can remove.
+TARGET_BOUNDS: dict[str, Bounds] = {
+    "bandwidth_mbps": Bounds(0.0, 1e5, "Mbps"),
+    "latency_ms_p95": Bounds(BASE_DELAY_MS, 1e4, "ms"),
+    "availability": Bounds(0.0, 100.0, "%"),
+    "jitter_ms": Bounds(0.0, 1e4, "ms"),
+    "loss_pct": Bounds(0.0, 100.0, "%", low_inclusive=True, high_inclusive=False),
+}
+
+
+@dataclass(frozen=True)
 class SlaTargets:
     """Soft SLA targets of one slice; ``None`` means the slice makes no promise on that KPI."""
 
@@ -52,24 +84,14 @@ class SlaTargets:
     loss_pct: float | None = None
 
     def validate(self, where: str) -> None:
-        rules = {
-            "bandwidth_mbps": (lambda v: 0 < v <= 1e5, "must be in (0, 100000] Mbps"),
-            "latency_ms_p95": (
-                lambda v: BASE_DELAY_MS < v <= 1e4,
-                f"must be in ({BASE_DELAY_MS}, 10000] ms (the base delay is {BASE_DELAY_MS} ms)",
-            ),
-            "availability": (lambda v: 0 < v <= 100, "must be a percentage in (0, 100]"),
-            "jitter_ms": (lambda v: 0 < v <= 1e4, "must be in (0, 10000] ms"),
-            "loss_pct": (lambda v: 0 <= v < 100, "must be a percentage in [0, 100)"),
-        }
-        for name, (ok, rule) in rules.items():
+        for name, bounds in TARGET_BOUNDS.items():
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise SliceConfigError(f"{where}.targets.{name}: must be a number, got {value!r}")
-            if not math.isfinite(value) or not ok(float(value)):
-                raise SliceConfigError(f"{where}.targets.{name}: {rule}, got {value!r}")
+            if not math.isfinite(value) or not bounds.contains(float(value)):
+                raise SliceConfigError(f"{where}.targets.{name}: {bounds.rule()}, got {value!r}")
 
     def is_empty(self) -> bool:
         return all(getattr(self, n) is None for n in self.__dataclass_fields__)

@@ -1,0 +1,332 @@
+"""Answering allocation requests: slice SLA targets and readings in, feasible shares and PRBs out.
+
+The pure core of the Serve app (:mod:`serve_apps.allocator` is its HTTP shell) and of
+``deepslicing bench serve``. It works on C cells of N slices at once, arrays ``(C, N)``; cells with
+different slice counts are grouped by count. Units as in :mod:`deepslicing.model`: shares are
+fractions of the cell's PRBs, rates Mbps, delays ms.
+
+A slice in a request has a name, SLA targets and optional readings of the interval just finished:
+
+| reading               | unit                          | when absent                                   |
+|-----------------------|-------------------------------|-----------------------------------------------|
+| `demand`              | the kind's demand unit        | `mean_demand`                                 |
+| `mean_demand`         | the kind's demand unit        | the kind's default x 3 / N (as in the default scenarios) |
+| `spectral_efficiency` | bit/s/Hz                      | the kind's mean (4.5 eMBB, 2.5 URLLC, 1.2 mMTC) |
+| `current_share`       | fraction of the cell          | min(1, needed share): as if the SLA held      |
+
+and the cell a ``time_of_day`` in [0, 1] (default 0.5), the policy's ``episode_progress`` feature.
+Demand units: eMBB offered Mbps, URLLC packets/s, mMTC devices per interval
+(:mod:`deepslicing.slices`). A slice with no targets takes its kind's default SLA.
+
+Kind of a slice: ``kind`` when given; else a kind's name inside the slice name (``URLLC_Control``,
+``CCTV_eMBB``); else from its targets, first match of: ``latency_ms_p95`` -> urllc,
+``bandwidth_mbps`` -> embb, ``jitter_ms`` or ``loss_pct`` -> urllc (voice-like), ``availability`` ->
+mmtc; else embb.
+
+Steps per cell:
+
+1. needed share of every slice from its targets and readings (:func:`deepslicing.model.needed_share`);
+2. the policy's requested share: each slice is fed, as its 6 features, to the model's first actor
+   of the same kind (actors are decentralised, so any number of slices can share one actor); a
+   slice whose kind the model has no actor for requests its needed share (``source`` = "need");
+3. guardrail: each slice is first reserved ``qos_floor`` x its needed share (when the reserves fit
+   the cell), and the rest of the requests are coordinated by ADMM (:mod:`deepslicing.coordinator`,
+   ``rho``, ``iterations``) into what remains, so shares are >= 0 and sum to at most 1, always;
+4. PRBs = floor(share x num_prbs), so PRBs never exceed the cell either;
+5. predicted QoS of the allocation (throughput, p95 delay), whether each SLA holds
+   (share >= need) and its risk (1 - min(1, share / need)).
+
+With ``reject_infeasible``, a cell whose slices need more than the whole cell (sum of needed
+shares > 1) raises :class:`InfeasibleError`, which names the slices and their needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from deepslicing import model
+from deepslicing.coordinator import CAPACITY_TOLERANCE, admm_allocate, check_admm
+from deepslicing.slices import KIND_DEFAULTS, KINDS, TARGET_BOUNDS
+
+TARGETS = tuple(TARGET_BOUNDS)
+DEFAULT_TIME_OF_DAY = 0.5
+Actor = Callable[[np.ndarray], np.ndarray]  # (E, S, 6) float32 -> (E, S) requested shares
+
+
+class InfeasibleError(ValueError):
+    """The slices of a cell need more than the whole cell; the message says which and how much."""
+
+
+@dataclass(frozen=True)
+class Guardrail:
+    """How requests become a feasible allocation (see the module docstring, step 3)."""
+
+    rho: float = 0.5
+    iterations: int = 20
+    qos_floor: float = 0.0
+    reject_infeasible: bool = False
+
+    def __post_init__(self) -> None:
+        check_admm(self.rho, self.iterations)
+        if not (isinstance(self.qos_floor, int | float) and 0.0 <= self.qos_floor <= 1.0):
+            raise ValueError(f"qos_floor: must be a number in [0, 1], got {self.qos_floor!r}")
+
+
+def infer_kind(name: str, targets: dict[str, float | None], kind: str | None = None) -> str:
+    """The slice's kind by the rule in the module docstring."""
+    if kind is not None:
+        return kind
+    lowered = name.lower()
+    for k in KINDS:
+        if k in lowered:
+            return k
+    present = {t for t, v in targets.items() if v is not None}
+    if "latency_ms_p95" in present:
+        return "urllc"
+    if "bandwidth_mbps" in present:
+        return "embb"
+    if present & {"jitter_ms", "loss_pct"}:
+        return "urllc"
+    if "availability" in present:
+        return "mmtc"
+    return "embb"
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    """One slice of a request, already validated; ``None`` readings take their defaults."""
+
+    name: str
+    targets: dict[str, float | None]
+    slice_id: int = 0
+    kind: str | None = None
+    sst: int | None = None
+    sd: str | None = None
+    demand: float | None = None
+    mean_demand: float | None = None
+    spectral_efficiency: float | None = None
+    current_share: float | None = None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The answer for C cells of N slices: arrays ``(C, N)`` unless noted."""
+
+    kind: np.ndarray  # str
+    from_policy: np.ndarray  # bool: the model's actor made the request (else the need did)
+    needed_share: np.ndarray
+    requested_share: np.ndarray
+    share: np.ndarray
+    prbs: np.ndarray  # int
+    offered_mbps: np.ndarray
+    throughput_mbps: np.ndarray
+    delay_p95_ms: np.ndarray  # inf when the queue is unstable
+    sla_ok: np.ndarray  # bool
+    sla_risk: np.ndarray
+    primal_residual: np.ndarray  # (C,)
+    dual_residual: np.ndarray  # (C,)
+    total_need: np.ndarray  # (C,) sum of needed shares; > 1 means not every SLA can hold
+
+
+def slice_arrays(
+    kind: np.ndarray, targets: np.ndarray, mean_demand: np.ndarray
+) -> model.SliceArrays:
+    """:class:`model.SliceArrays` over ``(C, N)``; targets ``(C, N, 5)`` in :data:`TARGETS` order."""
+
+    def per_kind(get) -> np.ndarray:
+        table = {k: get(d) for k, d in KIND_DEFAULTS.items()}
+        return np.vectorize(table.__getitem__, otypes=[float])(kind)
+
+    ones = np.ones(kind.shape)
+    return model.SliceArrays(
+        kind=kind,
+        weight=ones,
+        mean_demand=mean_demand,
+        packet_bits=per_kind(lambda d: d.packet_bits),
+        mean_spectral_efficiency=per_kind(lambda d: d.mean_spectral_efficiency),
+        **{name: targets[..., i] for i, name in enumerate(TARGETS)},
+        utility_weight=ones / kind.shape[-1],
+    )
+
+
+def _fill(values: np.ndarray, default: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(values), default, values)
+
+
+def allocate_group(
+    cells: Sequence[Sequence[SliceInput]],
+    time_of_day: Sequence[float],
+    actor: Actor,
+    actor_kinds: Sequence[str],
+    cell: model.Cell,
+    guardrail: Guardrail,
+) -> Allocation:
+    """Allocate C cells that all have the same number of slices N."""
+    num_cells, num_slices = len(cells), len(cells[0])
+    flat = [s for c in cells for s in c]
+
+    def column(get) -> np.ndarray:
+        return np.array(
+            [np.nan if (v := get(s)) is None else v for s in flat], dtype=np.float64
+        ).reshape(num_cells, num_slices)
+
+    kind = np.array([infer_kind(s.name, s.targets, s.kind) for s in flat]).reshape(
+        num_cells, num_slices
+    )
+    targets = np.array(
+        [[np.nan if s.targets.get(t) is None else s.targets[t] for t in TARGETS] for s in flat],
+        dtype=np.float64,
+    ).reshape(num_cells, num_slices, len(TARGETS))
+    no_targets = np.isnan(targets).all(axis=-1)
+    if no_targets.any():
+        defaults = {
+            k: [np.nan if (v := getattr(d.targets, t)) is None else v for t in TARGETS]
+            for k, d in KIND_DEFAULTS.items()
+        }
+        targets[no_targets] = [defaults[k] for k in kind[no_targets]]
+
+    default_mean = np.vectorize(lambda k: KIND_DEFAULTS[k].mean_demand, otypes=[float])(kind)
+    mean_demand = _fill(column(lambda s: s.mean_demand), default_mean * 3.0 / num_slices)
+    slices = slice_arrays(kind, targets, mean_demand)
+    demand = _fill(column(lambda s: s.demand), mean_demand)
+    efficiency = _fill(column(lambda s: s.spectral_efficiency), slices.mean_spectral_efficiency)
+    need = model.needed_share(slices, cell, demand, efficiency)
+    current = _fill(column(lambda s: s.current_share), np.minimum(need, 1.0))
+
+    features = model.observe(
+        model.traffic_features(slices, demand, efficiency, need),
+        current,
+        model.satisfaction(current, need),
+        0.0,
+    )
+    features[..., 5] = np.asarray(time_of_day, dtype=np.float32)[:, None]
+    requested, from_policy = request_shares(actor, actor_kinds, kind, features, need)
+    total_need = need.sum(axis=-1)
+    if guardrail.reject_infeasible and np.any(over := total_need > 1.0 + CAPACITY_TOLERANCE):
+        raise InfeasibleError(infeasible_reason(cells, need, over))
+    share, primal, dual = coordinate(requested, need, guardrail)
+
+    kpis = model.qos(slices, cell, share, demand, efficiency)
+    return Allocation(
+        kind=kind,
+        from_policy=from_policy,
+        needed_share=need,
+        requested_share=requested,
+        share=share,
+        prbs=np.floor(share * cell.num_prbs + 1e-9).astype(np.int64),
+        offered_mbps=kpis["offered_mbps"],
+        throughput_mbps=kpis["throughput_mbps"],
+        delay_p95_ms=kpis["delay_p95_ms"],
+        sla_ok=model.sla_met(share, need),
+        sla_risk=1.0 - model.satisfaction(share, need),
+        primal_residual=primal,
+        dual_residual=dual,
+        total_need=total_need,
+    )
+
+
+def request_shares(
+    actor: Actor,
+    actor_kinds: Sequence[str],
+    kind: np.ndarray,
+    features: np.ndarray,
+    need: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice's requested share from the model's first actor of its kind (else its need)."""
+    first_actor = {}
+    for i, k in enumerate(actor_kinds):
+        first_actor.setdefault(k, i)
+    index = np.vectorize(lambda k: first_actor.get(k, -1), otypes=[np.int64])(kind).reshape(-1)
+    from_policy = index >= 0
+    requested = np.minimum(need, 1.0).reshape(-1).copy()
+    if from_policy.any():
+        rows = np.flatnonzero(from_policy)
+        obs = np.zeros((rows.size, len(actor_kinds), model.NUM_FEATURES), dtype=np.float32)
+        picked = np.arange(rows.size)
+        obs[picked, index[rows]] = features.reshape(-1, model.NUM_FEATURES)[rows]
+        requested[rows] = np.asarray(actor(obs), dtype=np.float64)[picked, index[rows]]
+    return requested.reshape(kind.shape), from_policy.reshape(kind.shape)
+
+
+def coordinate(
+    requested: np.ndarray, need: np.ndarray, guardrail: Guardrail
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reserve ``qos_floor`` x need where the reserves fit, ADMM the rest into what remains."""
+    reserve = guardrail.qos_floor * np.minimum(need, 1.0)
+    fits = reserve.sum(axis=-1, keepdims=True) <= 1.0
+    reserve = np.where(fits, reserve, 0.0)
+    room = 1.0 - reserve.sum(axis=-1, keepdims=True)
+    safe_room = np.maximum(room, 1e-12)
+    excess = np.maximum(requested - reserve, 0.0) / safe_room
+    result = admm_allocate(excess, rho=guardrail.rho, iterations=guardrail.iterations)
+    share = np.where(room > 1e-12, reserve + result.shares * safe_room, reserve)
+    return share, result.primal_residual, result.dual_residual
+
+
+def infeasible_reason(
+    cells: Sequence[Sequence[SliceInput]], need: np.ndarray, over: np.ndarray
+) -> str:
+    c = int(np.flatnonzero(over)[0])
+    parts = ", ".join(f"{s.name} {n:.3f}" for s, n in zip(cells[c], need[c], strict=True))
+    where = f"cells[{c}]: " if len(cells) > 1 else ""
+    return (
+        f"{where}the SLAs cannot all be met: the slices need {need[c].sum():.3f} of the cell "
+        f"({parts}), more than 1"
+    )
+
+
+def allocate(
+    cells: Sequence[Sequence[SliceInput]],
+    time_of_day: Sequence[float],
+    actor: Actor,
+    actor_kinds: Sequence[str],
+    cell: model.Cell,
+    guardrail: Guardrail,
+) -> list[tuple[Allocation, int]]:
+    """Allocate cells of any slice counts; returns, per cell in order, its group's
+    :class:`Allocation` and the cell's row in it."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(cells):
+        groups.setdefault(len(c), []).append(i)
+    answer: list[tuple[Allocation, int] | None] = [None] * len(cells)
+    for members in groups.values():
+        result = allocate_group(
+            [cells[i] for i in members],
+            [time_of_day[i] for i in members],
+            actor,
+            actor_kinds,
+            cell,
+            guardrail,
+        )
+        for row, i in enumerate(members):
+            answer[i] = (result, row)
+    return answer  # type: ignore[return-value]
+
+
+def slice_answers(result: Allocation, row: int, slices: Sequence[SliceInput]) -> list[dict]:
+    """Plain per-slice answers of one cell (JSON-ready; an unstable queue's delay is None)."""
+    out = []
+    for j, s in enumerate(slices):
+        delay = float(result.delay_p95_ms[row, j])
+        out.append(
+            {
+                "slice_id": s.slice_id,
+                "name": s.name,
+                "kind": str(result.kind[row, j]),
+                "sst": s.sst,
+                "sd": s.sd,
+                "share": float(result.share[row, j]),
+                "prbs": int(result.prbs[row, j]),
+                "requested_share": float(result.requested_share[row, j]),
+                "needed_share": float(result.needed_share[row, j]),
+                "expected_throughput_mbps": float(result.throughput_mbps[row, j]),
+                "expected_delay_p95_ms": delay if np.isfinite(delay) else None,
+                "sla_ok": bool(result.sla_ok[row, j]),
+                "sla_risk": float(result.sla_risk[row, j]),
+                "source": "policy" if result.from_policy[row, j] else "need",
+            }
+        )
+    return out

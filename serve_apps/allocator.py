@@ -1,0 +1,644 @@
+"""The allocation service: a Ray Serve deployment with a FastAPI ingress.
+
+Endpoints (JSON; bodies and rules in :mod:`serve_apps.schemas`, the OpenAPI document at
+``/openapi.json``, an explorer at ``/docs``):
+
+| method, path           | key | does                                                            |
+|------------------------|-----|-----------------------------------------------------------------|
+| ``POST /allocate``     | yes | one cell: slices with SLA targets -> shares, PRBs, predicted QoS |
+| ``POST /allocate/batch`` | yes | many cells in one request                                    |
+| ``POST /predict``      | yes | the flat state (model slices x 6 features) -> shares            |
+| ``GET /model_info``    | yes | model version and source, slice layout, features, cell, guardrail |
+| ``GET /health``        | no  | 200 once the replica has its model                              |
+| ``GET /metrics``       | no  | the service's metrics in the Prometheus text format             |
+
+Every error is JSON ``{"error", "message", "details": [{"field", "rule"}]}``: 400 unparsable JSON,
+401 missing or wrong ``X-API-Key``, 404/405 unknown path or method, 409 SLAs that cannot all be met
+(with ``reject_infeasible``), 413 body over ``max_body_bytes``, 422 a field breaking a rule,
+429 rate limited (with ``Retry-After``).
+
+Model: loaded once per replica in ``reconfigure`` from ``model``, a registered model URI
+(``models:/deepslicing-allocator@champion``, ONNX through onnxruntime) or an export directory
+(``format`` onnx, int8 or torchscript). All settings travel as the deployment's ``user_config``,
+so a new champion is picked up by redeploying with a changed ``user_config`` (``serve deploy`` of
+the config file, or ``serve.run(build_app(...))``): replicas load the new model beside the old one
+and swap, requests in flight finish on the old one.
+
+Metrics: recorded with ``ray.serve.metrics`` (names in :mod:`deepslicing.metrics`), which Ray
+aggregates per node and exports at each node's metrics port for Prometheus; ``GET /metrics``
+returns this node's copy of the service's families. Ray reports them every few seconds.
+
+Autoscaling: ``min_replicas``..``max_replicas`` replicas of ``replica_cpus`` CPUs each, scaled on
+``target_ongoing_requests`` per replica (Serve's autoscaler); on a 2-core laptop 0.25-CPU replicas
+let several fit. On a cluster raise ``max_replicas`` and ``replica_cpus`` and put more nodes behind
+the Serve proxy (see ``cluster/README.md``).
+"""
+
+# No ``from __future__ import annotations`` here: Serve's ingress rebuilds the endpoint signatures
+# and FastAPI must see the body models as classes, not strings.
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import APIKeyHeader
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deepslicing import metrics
+from deepslicing.allocate import (
+    Guardrail,
+    InfeasibleError,
+    SliceInput,
+    allocate,
+    coordinate,
+    slice_answers,
+)
+from deepslicing.config import check_int, from_mapping, option, to_dict
+from deepslicing.model import FEATURE_HIGH, FEATURES, NUM_FEATURES, Cell
+from serve_apps import schemas
+from serve_apps.security import KeyRing, TokenBuckets, read_keys
+
+logger = logging.getLogger("ray.serve")
+
+API_KEY_HEADER = "X-API-Key"
+PROTECTED = {"/allocate", "/allocate/batch", "/predict", "/model_info"}
+ROUTES = PROTECTED | {"/health", "/metrics", "/openapi.json", "/docs"}
+APP_NAME = "deepslicing"
+DEPLOYMENT_NAME = "allocator"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serve the champion allocation policy over HTTP on Ray Serve (local Ray, or RAY_ADDRESS)."""
+
+    model: str = option(
+        "models:/deepslicing-allocator@champion",
+        "registered model URI (models:/NAME@ALIAS or models:/NAME/VERSION) or an export directory",
+    )
+    tracking_uri: str | None = option(
+        None,
+        "MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    format: Literal["onnx", "int8", "torchscript"] = option(
+        "onnx", "model file of an export directory (registered models are ONNX)"
+    )
+    admm_rho: float = option(0.5, "guardrail ADMM penalty rho (> 0)")
+    admm_iterations: int = option(20, "guardrail ADMM iterations (1..10000)")
+    qos_floor: float = option(
+        0.0,
+        "reserve this fraction of each slice's needed share before the policy's requests (0..1)",
+    )
+    reject_infeasible: bool = option(
+        False, "answer 409 when a cell's slices need more than the whole cell"
+    )
+    auth: bool = option(True, "require X-API-Key on every endpoint but /health and /metrics")
+    api_keys_file: str | None = option(
+        None, "secret file with one API key per line (default: $DEEPSLICING_API_KEYS, comma list)"
+    )
+    rate_limit_per_s: float = option(200.0, "requests per second per key and replica")
+    rate_limit_burst: int = option(400, "requests a key may send at once before the rate applies")
+    max_body_bytes: int = option(4_000_000, "largest request body accepted (bytes)")
+    host: str = option("127.0.0.1", "interface the HTTP proxy listens on")
+    port: int = option(8000, "HTTP port")
+    min_replicas: int = option(1, "autoscaling: fewest replicas")
+    max_replicas: int = option(2, "autoscaling: most replicas")
+    target_ongoing_requests: float = option(
+        4.0, "autoscaling: requests in flight per replica it aims for"
+    )
+    upscale_delay_s: float = option(3.0, "autoscaling: load must last this long to add replicas")
+    downscale_delay_s: float = option(20.0, "autoscaling: quiet must last this long to remove them")
+    replica_cpus: float = option(0.25, "CPUs reserved per replica (fractions let several fit)")
+    max_ongoing_requests: int = option(32, "requests one replica takes at once")
+    num_cpus: int = option(2, "CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
+
+    def __post_init__(self) -> None:
+        self.guardrail()  # checks rho, iterations, qos_floor
+        for name in ("rate_limit_per_s", "target_ongoing_requests", "replica_cpus"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value <= 86400):
+                raise ValueError(
+                    f"{name}: must be a number of seconds in [0, 86400], got {value!r}"
+                )
+        check_int("rate_limit_burst", self.rate_limit_burst, 1)
+        check_int("max_body_bytes", self.max_body_bytes, 1024, 1_000_000_000)
+        check_int("port", self.port, 1, 65535)
+        check_int("min_replicas", self.min_replicas, 1, 1000)
+        check_int("max_replicas", self.max_replicas, self.min_replicas, 1000)
+        check_int("max_ongoing_requests", self.max_ongoing_requests, 1, 100_000)
+        check_int("num_cpus", self.num_cpus, 1)
+        if not self.model:
+            raise ValueError("model: must name a registered model URI or an export directory")
+
+    def guardrail(self) -> Guardrail:
+        return Guardrail(
+            self.admm_rho, self.admm_iterations, self.qos_floor, self.reject_infeasible
+        )
+
+
+# --- one replica's loaded state -----------------------------------------------------------------
+
+
+class ServiceError(ValueError):
+    """The service cannot start with these settings; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """What a replica serves with: the model, the cell, the guardrail, keys and limits."""
+
+    config: ServeConfig
+    policy: Any  # deepslicing.export.ExportedPolicy
+    model_uri: str
+    model_version: str
+    actor_kinds: tuple[str, ...]
+    cell: Cell
+    guardrail: Guardrail
+    keys: KeyRing | None
+    buckets: TokenBuckets
+
+    @classmethod
+    def load(cls, config: ServeConfig) -> "Service":
+        from deepslicing.export import load_exported
+        from deepslicing.simulator import SlicingConfig
+        from deepslicing.tracking import tracking_uri
+
+        keys = KeyRing(read_keys(config.api_keys_file)) if config.auth else None
+        if config.model.startswith("models:/"):
+            from deepslicing.registry import download_export
+
+            scratch = Path(tempfile.mkdtemp(prefix="deepslicing-model-"))
+            try:
+                export_dir, version = download_export(
+                    config.model, scratch, tracking_uri(config.tracking_uri)
+                )
+                policy = load_exported(export_dir, "onnx")
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            name = config.model.removeprefix("models:/").split("@")[0].split("/")[0]
+            model_version = f"{name}/{version}"
+        else:
+            if not Path(config.model).is_dir():
+                raise ServiceError(
+                    f"model: {config.model!r} is neither a models:/ URI nor an export directory"
+                )
+            policy = load_exported(config.model, config.format)
+            model_version = str(policy.metadata["model_version"])
+        meta = policy.metadata
+        env = from_mapping(SlicingConfig, meta["env"])
+        return cls(
+            config=config,
+            policy=policy,
+            model_uri=config.model,
+            model_version=model_version,
+            actor_kinds=tuple(s["kind"] for s in meta["slices"]),
+            cell=env.cell(),
+            guardrail=config.guardrail(),
+            keys=keys,
+            buckets=TokenBuckets(config.rate_limit_per_s, float(config.rate_limit_burst)),
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "model_uri": self.model_uri,
+            "format": self.policy.format,
+            "num_slices": self.policy.num_slices,
+            "actor_kinds": list(self.actor_kinds),
+            "features": list(FEATURES),
+            "cell": {
+                "num_prbs": self.cell.num_prbs,
+                "prb_bandwidth_khz": self.cell.prb_bandwidth_khz,
+                "interval_s": self.cell.interval_s,
+            },
+            "guardrail": dataclasses.asdict(self.guardrail),
+            "metadata": {k: v for k, v in self.policy.metadata.items() if k != "env"},
+        }
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+class ServiceMetrics:
+    """The service's Ray metrics, created once per replica process."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            metrics.SERVE_REQUESTS, "HTTP requests by endpoint and status", ("endpoint", "status")
+        )
+        self.latency = Histogram(
+            metrics.SERVE_LATENCY_MS,
+            "request latency inside the replica (ms) by endpoint and status",
+            list(metrics.SERVE_LATENCY_BOUNDARIES_MS),
+            ("endpoint", "status"),
+        )
+        self.rejections = Counter(
+            metrics.SERVE_REJECTIONS, "requests refused, by reason", ("reason",)
+        )
+        self.share = Gauge(metrics.SERVE_SHARE, "last share allocated to a slice", ("slice",))
+        self.sla_risk = Gauge(
+            metrics.SERVE_SLA_RISK,
+            "last predicted SLA risk of a slice, 1 - min(1, share/need)",
+            ("slice",),
+        )
+        self.residual = Histogram(
+            metrics.SERVE_ADMM_RESIDUAL,
+            "guardrail ADMM primal residual, largest of a request's cells",
+            list(metrics.SERVE_RESIDUAL_BOUNDARIES),
+        )
+        self.allocations = Counter(metrics.SERVE_ALLOCATIONS, "slice allocations answered")
+
+
+_metrics: ServiceMetrics | None = None
+
+
+class Current:
+    """This replica's service, for the middleware. A module-level class, so the replica resolves
+    it by import: Serve ships the ingress class by value, with copies of the module's other
+    globals as they were when it was decorated."""
+
+    service: Service | None = None
+
+
+def service_metrics() -> ServiceMetrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = ServiceMetrics()
+    return _metrics
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+def error_response(
+    status: int, error: str, message: str, details: list[dict] | None = None, headers=None
+) -> JSONResponse:
+    body = {"error": error, "message": message, "details": details or []}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware in front of FastAPI: API key, rate limit and body size are checked before
+    any parsing, and every request is counted and timed."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in ROUTES else "other"
+        status = 500
+
+        async def send_counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal, receive = await self.check(scope, receive, endpoint)
+            if refusal is not None:
+                await refusal(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            m = service_metrics()
+            tags = {"endpoint": endpoint, "status": str(status)}
+            m.requests.inc(1, tags=tags)
+            m.latency.observe((time.perf_counter() - start) * 1000.0, tags=tags)
+
+    async def check(self, scope, receive, endpoint: str):
+        service = Current.service
+        if endpoint not in PROTECTED or service is None:
+            return None, receive
+        if service.keys is not None:
+            presented = None
+            for name, value in scope["headers"]:
+                if name == b"x-api-key":
+                    presented = value.decode("latin-1")
+            ident = service.keys.identify(presented)
+            if ident is None:
+                service_metrics().rejections.inc(1, tags={"reason": "unauthorized"})
+                return error_response(
+                    401,
+                    "unauthorized",
+                    f"missing or invalid API key; send it in the {API_KEY_HEADER} header",
+                    [{"field": API_KEY_HEADER, "rule": "must be a configured API key"}],
+                    {"WWW-Authenticate": API_KEY_HEADER},
+                ), receive
+            wait = service.buckets.take(ident)
+            if wait > 0:
+                service_metrics().rejections.inc(1, tags={"reason": "rate_limited"})
+                retry = TokenBuckets.retry_after(wait)
+                return error_response(
+                    429,
+                    "rate_limited",
+                    f"rate limit of {service.config.rate_limit_per_s:g} requests/s per key "
+                    f"exceeded; retry after {retry} s",
+                    headers={"Retry-After": retry},
+                ), receive
+        return await self.limit_body(scope, receive, service.config.max_body_bytes)
+
+    async def limit_body(self, scope, receive, limit: int):
+        too_large = error_response(
+            413,
+            "too_large",
+            f"request body over {limit} bytes",
+            [{"field": "body", "rule": f"must be at most {limit} bytes"}],
+        )
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                service_metrics().rejections.inc(1, tags={"reason": "too_large"})
+                return too_large, receive
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                service_metrics().rejections.inc(1, tags={"reason": "too_large"})
+                return too_large, receive
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return None, replay
+
+
+ERRORS = {
+    code: {"model": schemas.ErrorResponse, "description": text}
+    for code, text in (
+        (400, "the body is not valid JSON"),
+        (401, "missing or invalid API key"),
+        (409, "the slices' SLAs cannot all be met (reject_infeasible)"),
+        (413, "body too large"),
+        (422, "a field breaks a rule; details name it"),
+        (429, "rate limited; see Retry-After"),
+    )
+}
+
+app = FastAPI(
+    title="deepslicing allocation service",
+    version="0.1.0",
+    description="Feasible PRB allocations for 5G network slices from a trained MADDPG policy.",
+)
+app.add_middleware(Guard)
+# documents the key in the OpenAPI document; Guard checks it before FastAPI parses anything
+KEY_REQUIRED = [Security(APIKeyHeader(name=API_KEY_HEADER, auto_error=False))]
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    service_metrics().rejections.inc(1, tags={"reason": "invalid"})
+    details = []
+    unparsable = False
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ())]
+        loc = loc[1:] if loc[:1] == ["body"] else loc
+        unparsable |= e.get("type") == "json_invalid"
+        message = e.get("msg", "invalid").removeprefix("Value error, ")
+        if e.get("type") == "json_invalid":
+            message, loc = f"{message} at character {loc[0] if loc else 0}", []
+        details.append({"field": ".".join(loc) or "body", "rule": message})
+    if unparsable:
+        return error_response(400, "invalid_json", "the body is not valid JSON", details)
+    first = details[0] if details else {"field": "body", "rule": "invalid"}
+    return error_response(422, "invalid", f"{first['field']}: {first['rule']}", details)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, "http_error", str(exc.detail), headers=exc.headers)
+
+
+@app.exception_handler(InfeasibleError)
+async def infeasible(request: Request, exc: InfeasibleError) -> JSONResponse:
+    service_metrics().rejections.inc(1, tags={"reason": "infeasible"})
+    return error_response(409, "infeasible", str(exc))
+
+
+def slice_inputs(cell: schemas.AllocateRequest) -> list[SliceInput]:
+    out = []
+    for s in cell.slices:
+        r = s.readings
+        out.append(
+            SliceInput(
+                name=s.name,
+                targets=s.targets.__dict__,
+                slice_id=s.slice_id,
+                kind=s.kind,
+                sst=s.sst,
+                sd=s.sd,
+                demand=None if r is None else r.demand,
+                mean_demand=None if r is None else r.mean_demand,
+                spectral_efficiency=None if r is None else r.spectral_efficiency,
+                current_share=None if r is None else r.current_share,
+            )
+        )
+    return out
+
+
+def node_metrics_url() -> str:
+    """This node's Ray metrics export endpoint."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    raise RuntimeError("this replica's node is not in ray.nodes()")
+
+
+def service_families(text: str) -> str:
+    """The ``ray_deepslicing_*`` families of a Prometheus text exposition, comments included."""
+    keep = []
+    for line in text.splitlines():
+        name = line.split(" ", 3)[2] if line.startswith("#") and line.count(" ") >= 2 else line
+        if name.startswith("ray_deepslicing_"):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+def invalid_state(rule: str, field: str = "state") -> JSONResponse:
+    service_metrics().rejections.inc(1, tags={"reason": "invalid"})
+    return error_response(422, "invalid", f"{field}: {rule}", [{"field": field, "rule": rule}])
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=5)
+@serve.ingress(app)
+class Allocator:
+    """One replica: loads the model in ``reconfigure`` (every ``user_config`` change)."""
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+        self._metrics_url: str | None = None
+        service_metrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        service = Service.load(from_mapping(ServeConfig, user_config))
+        self.service = service  # one reference swap: requests in flight keep the old model
+        Current.service = service
+        logger.info("serving model %s from %s", service.model_version, service.model_uri)
+
+    def check_health(self) -> None:
+        if self.service is None:
+            raise RuntimeError("no model loaded")
+
+    @app.get("/health", response_model=schemas.Health)
+    async def health(self):
+        return {"status": "ok", "model_version": self.service.model_version}
+
+    @app.get(
+        "/model_info",
+        response_model=schemas.ModelInfo,
+        responses=ERRORS,
+        dependencies=KEY_REQUIRED,
+    )
+    async def model_info(self):
+        return self.service.info()
+
+    @app.post(
+        "/allocate",
+        response_model=schemas.CellAllocation,
+        responses=ERRORS,
+        dependencies=KEY_REQUIRED,
+    )
+    async def allocate_cell(self, body: schemas.AllocateRequest):
+        return JSONResponse(self._answer([body])[0])
+
+    @app.post(
+        "/allocate/batch",
+        response_model=schemas.BatchAllocation,
+        responses=ERRORS,
+        dependencies=KEY_REQUIRED,
+    )
+    async def allocate_batch(self, body: schemas.BatchRequest):
+        service = self.service
+        return JSONResponse(
+            {"cells": self._answer(body.cells, service), "model_version": service.model_version}
+        )
+
+    def _answer(self, cells: list[schemas.AllocateRequest], service: Service | None = None):
+        service = service or self.service
+        inputs = [slice_inputs(c) for c in cells]
+        results = allocate(
+            inputs,
+            [c.time_of_day for c in cells],
+            service.policy,
+            service.actor_kinds,
+            service.cell,
+            service.guardrail,
+        )
+        m = service_metrics()
+        answers, worst = [], 0.0
+        for (result, row), slices in zip(results, inputs, strict=True):
+            answers.append(
+                {
+                    "slices": slice_answers(result, row, slices),
+                    "total_share": float(result.share[row].sum()),
+                    "total_need": float(result.total_need[row]),
+                    "admm_primal_residual": float(result.primal_residual[row]),
+                    "model_version": service.model_version,
+                }
+            )
+            worst = max(worst, float(result.primal_residual[row]))
+        m.residual.observe(worst)
+        m.allocations.inc(sum(len(s) for s in inputs))
+        if len(cells) == 1:
+            for a in answers[0]["slices"]:
+                m.share.set(a["share"], tags={"slice": a["name"]})
+                m.sla_risk.set(a["sla_risk"], tags={"slice": a["name"]})
+        return answers
+
+    @app.post(
+        "/predict",
+        response_model=schemas.PredictResponse,
+        responses=ERRORS,
+        dependencies=KEY_REQUIRED,
+    )
+    async def predict(self, body: schemas.PredictRequest):
+        service = self.service
+        num_slices = service.policy.num_slices
+        expected = num_slices * NUM_FEATURES
+        if len(body.state) != expected:
+            return invalid_state(
+                f"must hold {expected} numbers ({num_slices} slices x {NUM_FEATURES} features), "
+                f"got {len(body.state)}"
+            )
+        obs = np.asarray(body.state, dtype=np.float32).reshape(1, num_slices, NUM_FEATURES)
+        over = (obs < 0) | (obs > FEATURE_HIGH)
+        if over.any():
+            i = int(np.flatnonzero(over.reshape(-1))[0])
+            return invalid_state(
+                f"[{i}] (slice {i // NUM_FEATURES} {FEATURES[i % NUM_FEATURES]}) must be in "
+                f"[0, {FEATURE_HIGH[i % NUM_FEATURES]:g}], got {body.state[i]!r}",
+                field=f"state.{i}",
+            )
+        requested = np.asarray(service.policy(obs), dtype=np.float64)
+        need = obs[..., FEATURES.index("needed_share")].astype(np.float64)
+        if service.guardrail.reject_infeasible and need.sum() > 1.0:
+            raise InfeasibleError(
+                f"the SLAs cannot all be met: the slices need {need.sum():.3f} of the cell, more than 1"
+            )
+        shares, _, _ = coordinate(requested, need, service.guardrail)
+        return {
+            "requested_shares": requested[0].tolist(),
+            "shares": shares[0].tolist(),
+            "model_version": service.model_version,
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus(self):
+        if self._metrics_url is None:
+            self._metrics_url = node_metrics_url()
+        with urllib.request.urlopen(self._metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        return PlainTextResponse(service_families(text), media_type="text/plain; version=0.0.4")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The typed application builder ``serve run`` / ``serve deploy`` call (``import_path:
+    serve_apps.allocator:build_app``); ``args`` are :class:`ServeConfig` fields."""
+    config = args if isinstance(args, ServeConfig) else from_mapping(ServeConfig, dict(args or {}))
+    return Allocator.options(
+        autoscaling_config={
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+        },
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.replica_cpus},
+        user_config=to_dict(config),
+    ).bind()
