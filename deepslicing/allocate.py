@@ -53,6 +53,7 @@ from deepslicing.slices import KIND_DEFAULTS, KINDS, TARGET_BOUNDS
 
 TARGETS = tuple(TARGET_BOUNDS)
 DEFAULT_TIME_OF_DAY = 0.5
+MAX_NEED = 1e6  # needed shares are capped here (a million cells): keeps every answer finite
 Actor = Callable[[np.ndarray], np.ndarray]  # (E, S, 6) float32 -> (E, S) requested shares
 
 
@@ -193,7 +194,10 @@ def allocate_group(
     slices = slice_arrays(kind, targets, mean_demand)
     demand = _fill(column(lambda s: s.demand), mean_demand)
     efficiency = _fill(column(lambda s: s.spectral_efficiency), slices.mean_spectral_efficiency)
-    need = model.needed_share(slices, cell, demand, efficiency)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        need = model.needed_share(slices, cell, demand, efficiency)
+    # extreme but valid targets (a jitter of 1e-300 ms) overflow; cap them at an absurd need
+    need = np.nan_to_num(need, nan=MAX_NEED, posinf=MAX_NEED)
     current = _fill(column(lambda s: s.current_share), np.minimum(need, 1.0))
 
     features = model.observe(

@@ -305,6 +305,9 @@ class Guard:
             return
         start = time.perf_counter()
         path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"  # the route inside the app, whatever its prefix
         endpoint = path if path in ROUTES else "other"
         status = 500
 

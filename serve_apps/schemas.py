@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deepslicing.allocate import DEFAULT_TIME_OF_DAY
 from deepslicing.model import NUM_FEATURES
 from deepslicing.scenarios import SPECTRAL_EFFICIENCY_RANGE
 from deepslicing.slices import KINDS, MAX_SLICES, TARGET_BOUNDS
@@ -88,7 +89,9 @@ class AllocateRequest(BaseModel):
 
     model_config = STRICT
     slices: list[SliceRequest] = Field(min_length=1, max_length=MAX_SLICES)
-    time_of_day: float = Field(0.5, ge=0, le=1, description="fraction of the day elapsed")
+    time_of_day: float = Field(
+        DEFAULT_TIME_OF_DAY, ge=0, le=1, description="fraction of the day elapsed"
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AllocateRequest:

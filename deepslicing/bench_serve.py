@@ -1,0 +1,456 @@
+"""``deepslicing bench serve``: the HTTP allocation service against a no-op Serve deployment, its
+batch throughput, and its guardrail against a cvxpy solve, in one run.
+
+One process starts a local Ray (2 CPUs) and Serve's HTTP proxy on ``127.0.0.1:8311`` (not 8000, so
+it does not collide with a service or tests on the default port), with two applications behind that
+one proxy:
+
+| contender | what answers                                                                           |
+|-----------|----------------------------------------------------------------------------------------|
+| `ours`    | the allocation service, ``serve_apps.allocator.build_app`` at ``/``: ``POST /allocate`` with the operator payload (:data:`deepslicing.serving.OPERATOR_REQUEST`, 3 slices) and an ``X-API-Key``; 1 replica (``min_replicas`` = ``max_replicas`` = 1), rate limits set so high that no request is refused |
+| `noop`    | a FastAPI ingress at ``/noop`` whose ``POST /allocate`` returns a small constant JSON without reading the body; the same replica settings (1 replica, ``replica_cpus``, ``max_ongoing_requests``) |
+| `batch`   | ours, ``POST /allocate/batch`` with 500 cells of the operator payload's 3 slices (each cell its own seeded ``time_of_day``) |
+| `guardrail` | in-process, no HTTP: :func:`deepslicing.allocate.coordinate` with the default :class:`~deepslicing.allocate.Guardrail` (ADMM, rho 0.5, 20 iterations) on one 3-slice cell ``(1, 3)`` per call |
+| `cvxpy`   | in-process: the same problem, the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
+
+The model is a fresh seeded MADDPG actor module for the default 3 slices, exported to ONNX in a
+temporary directory (latency does not depend on training); the API key is a random one in a
+temporary key file.
+
+Load generator (the same for ``noop`` and ``ours``, and for ``batch``): one aiohttp
+``ClientSession`` per concurrency level with keep-alive connections (``TCPConnector(limit=C)``),
+``C`` workers in a closed loop (send, read the whole answer, send the next) for ``seconds``, with
+the body serialised once beforehand and the same headers (the key included) for both contenders.
+Every request is timed on its own (``time.perf_counter``, send to last byte read); every answer
+must be 200, and any other status or a connection error fails the run with the count and the first
+error. ``noop`` and ``ours`` are measured at concurrency 1 and 16, ``batch`` at concurrency 2 (one
+batch in the replica while the next is parsed); the guardrail contenders cycle through 256 request
+vectors drawn before timing (uniform in [0, 1]^3; about 5/6 of them over-full), on which both
+answers are first checked to agree (largest absolute difference at most 1e-4, else the run fails).
+
+All contenders are warmed up for ``min(0.5, seconds)`` s, then interleaved over ``rounds`` rounds of
+``seconds`` each (the order rotating), and each figure is the median over rounds of that round's
+figure. Latencies are client-side milliseconds, including the client's own time on the same 2 CPUs.
+
+JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
+
+- ``X_cC_p50_ms``, ``X_cC_p95_ms``, ``X_cC_p99_ms``: latency percentiles (ms, per round, median
+  over rounds); ``X_cC_rps``: answered requests per second; ``X_cC_requests``: requests timed over
+  all rounds; ``X_cC_rounds``: each round's ``{"rps", "p50_ms", "p95_ms", "p99_ms", "requests"}``;
+- ``p95_ms_c1`` = ``ours_c1_p95_ms`` (goal <= 10);
+- ``rps_ratio_vs_noop_c1``, ``rps_ratio_vs_noop_c16``: ``ours_cC_rps / noop_cC_rps`` (goal at 16:
+  >= 0.8);
+- ``batch_requests_per_s``, ``batch_p50_ms``; ``batch_allocations_per_s`` =
+  ``batch_requests_per_s`` x ``batch_cells`` x 3 slice-allocations per second (goal >= 20,000);
+  ``batch_rounds``;
+- ``guardrail_us``, ``cvxpy_us``: microseconds per call (median over rounds of each round's mean);
+  ``guardrail_speedup_vs_cvxpy`` = ``cvxpy_us / guardrail_us`` (goal >= 50);
+  ``guardrail_max_abs_diff_vs_cvxpy``; ``cvxpy_solver``; ``guardrail_us_rounds``,
+  ``cvxpy_us_rounds``;
+- ``errors`` (always 0: a run with errors fails), ``concurrency``, ``batch_cells``,
+  ``batch_concurrency``, ``port``, ``replica_cpus``, ``max_ongoing_requests``, ``seconds``,
+  ``rounds``, ``seed`` and the machine (``cpus``, ``python``, ``ray``, ``aiohttp``, ``cvxpy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import secrets
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+
+PORT = 8311
+CONCURRENCY = (1, 16)
+BATCH_CELLS = 500
+BATCH_CONCURRENCY = 2
+NUM_SLICES = 3  # the operator payload's slices
+GUARDRAIL_POOL = 256  # request vectors the in-process contenders cycle through
+AGREEMENT_TOLERANCE = 1e-4  # largest |guardrail - cvxpy| share difference accepted
+RATE_LIMIT = 1e9  # requests/s per key, so the bench is never answered 429
+NOOP_APP = "bench-noop"
+NOOP_PREFIX = "/noop"
+REQUEST_TIMEOUT_S = 60.0
+NOOP_ANSWER = {"status": "ok"}
+
+noop_api = FastAPI()
+
+
+@serve.deployment(name="noop")
+@serve.ingress(noop_api)
+class Noop:
+    """The comparator: Serve's proxy, router and FastAPI ingress, and no work at all."""
+
+    @noop_api.post("/allocate")
+    async def allocate(self) -> JSONResponse:
+        return JSONResponse(NOOP_ANSWER)
+
+
+def bench_serve(config) -> dict[str, Any]:
+    import aiohttp
+    import cvxpy
+    import ray
+
+    from deepslicing import serving
+    from deepslicing.bench import _log, interleave
+    from deepslicing.ray_runtime import init_ray
+    from serve_apps.allocator import API_KEY_HEADER, ServeConfig
+
+    rng = np.random.default_rng(config.seed)
+    guardrail, cvxpy_call, requests, agreement = guardrail_contenders(rng)
+    solver = cvxpy_call.solver
+    _log(
+        f"bench serve: guardrail and cvxpy ({solver}) agree on {GUARDRAIL_POOL} requests "
+        f"(max abs diff {agreement:.2g})"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as scratch:
+        key = secrets.token_urlsafe(24)
+        keys_file = Path(scratch) / "api_keys"
+        keys_file.write_text(key + "\n")
+        serve_config = ServeConfig(
+            model=export_model(Path(scratch) / "model", config.seed),
+            api_keys_file=str(keys_file),
+            rate_limit_per_s=RATE_LIMIT,
+            rate_limit_burst=int(RATE_LIMIT),
+            port=PORT,
+            min_replicas=1,
+            max_replicas=1,
+        )
+        loop = asyncio.new_event_loop()
+        sessions: dict[int, Any] = {}
+        started_ray = init_ray(serve_config.num_cpus)
+        try:
+            _log(f"bench serve: starting Ray and Serve on {serve_config.host}:{PORT}")
+            url = serving.start(serve_config)
+            serve.run(
+                Noop.options(
+                    num_replicas=1,
+                    max_ongoing_requests=serve_config.max_ongoing_requests,
+                    ray_actor_options={"num_cpus": serve_config.replica_cpus},
+                ).bind(),
+                name=NOOP_APP,
+                route_prefix=NOOP_PREFIX,
+            )
+            headers = {"Content-Type": "application/json", API_KEY_HEADER: key}
+            cell = json.dumps(serving.OPERATOR_REQUEST).encode()
+            batch = json.dumps({"cells": batch_cells(rng, BATCH_CELLS)}).encode()
+            check_answers(url, key, batch)
+
+            async def open_session(limit: int):
+                return aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=limit),
+                    timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                )
+
+            for c in sorted({*CONCURRENCY, BATCH_CONCURRENCY}):
+                sessions[c] = loop.run_until_complete(open_session(c))
+            http: dict[str, HttpLoad] = {}
+            for c in CONCURRENCY:
+                for name, path in (("noop", f"{NOOP_PREFIX}/allocate"), ("ours", "/allocate")):
+                    http[f"{name}_c{c}"] = HttpLoad(loop, sessions[c], url + path, cell, headers, c)
+            http["batch"] = HttpLoad(
+                loop,
+                sessions[BATCH_CONCURRENCY],
+                url + "/allocate/batch",
+                batch,
+                headers,
+                BATCH_CONCURRENCY,
+            )
+            in_process = {
+                "guardrail": CallLoad(guardrail, requests),
+                "cvxpy": CallLoad(cvxpy_call, requests),
+            }
+            contenders: dict[str, Callable[[float], float]] = {**http, **in_process}
+            labels = {
+                **{
+                    f"{name}_c{c}": f"{name} /allocate, c={c} (requests)"
+                    for c in CONCURRENCY
+                    for name in ("noop", "ours")
+                },
+                "batch": f"ours /allocate/batch x{BATCH_CELLS} (requests)",
+                "guardrail": "guardrail in-process (calls)",
+                "cvxpy": f"cvxpy {solver} in-process (calls)",
+            }
+            _log(
+                f"bench serve: {config.rounds} round(s) x {config.seconds:g} s per contender, "
+                f"concurrency {list(CONCURRENCY)}, batch {BATCH_CELLS} cells, seed={config.seed}, "
+                f"{os.cpu_count()} CPU(s)"
+            )
+            for contender in [*http.values(), *in_process.values()]:
+                contender(config.warmup_seconds)
+                contender.rounds.clear()
+            _log(f"  warmed up {len(contenders)} contenders ({config.warmup_seconds:g} s each)")
+            interleave(contenders, config.rounds, config.seconds, labels)
+        finally:
+            for session in sessions.values():
+                loop.run_until_complete(session.close())
+            loop.close()
+            try:
+                if ray.is_initialized():
+                    serve.shutdown()
+            finally:
+                if started_ray:
+                    ray.shutdown()
+
+    result: dict[str, Any] = {"target": "serve"}
+    for name in (f"{n}_c{c}" for c in CONCURRENCY for n in ("noop", "ours")):
+        rounds = http[name].rounds
+        for figure in ("p50_ms", "p95_ms", "p99_ms", "rps"):
+            result[f"{name}_{figure}"] = statistics.median(r[figure] for r in rounds)
+        result[f"{name}_requests"] = sum(r["requests"] for r in rounds)
+        result[f"{name}_rounds"] = rounds
+    result["p95_ms_c1"] = result["ours_c1_p95_ms"]
+    for c in CONCURRENCY:
+        result[f"rps_ratio_vs_noop_c{c}"] = result[f"ours_c{c}_rps"] / result[f"noop_c{c}_rps"]
+    batch_rounds = http["batch"].rounds
+    result["batch_requests_per_s"] = statistics.median(r["rps"] for r in batch_rounds)
+    result["batch_p50_ms"] = statistics.median(r["p50_ms"] for r in batch_rounds)
+    result["batch_allocations_per_s"] = result["batch_requests_per_s"] * BATCH_CELLS * NUM_SLICES
+    result["batch_rounds"] = batch_rounds
+    for name, contender in in_process.items():
+        us = [r["us"] for r in contender.rounds]
+        result[f"{name}_us"] = statistics.median(us)
+        result[f"{name}_us_rounds"] = us
+    result["guardrail_speedup_vs_cvxpy"] = result["cvxpy_us"] / result["guardrail_us"]
+    result["guardrail_max_abs_diff_vs_cvxpy"] = agreement
+    result.update(
+        {
+            "cvxpy_solver": solver,
+            "errors": 0,
+            "concurrency": list(CONCURRENCY),
+            "batch_cells": BATCH_CELLS,
+            "batch_concurrency": BATCH_CONCURRENCY,
+            "port": PORT,
+            "replica_cpus": serve_config.replica_cpus,
+            "max_ongoing_requests": serve_config.max_ongoing_requests,
+            "seconds": config.seconds,
+            "rounds": config.rounds,
+            "seed": config.seed,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "aiohttp": aiohttp.__version__,
+            "cvxpy": cvxpy.__version__,
+        }
+    )
+    for c in CONCURRENCY:
+        _log(
+            f"bench serve, c={c}: "
+            + ", ".join(
+                f"{n} {result[f'{n}_c{c}_rps']:,.0f} req/s, p50/p95/p99 "
+                f"{result[f'{n}_c{c}_p50_ms']:.2f}/{result[f'{n}_c{c}_p95_ms']:.2f}/"
+                f"{result[f'{n}_c{c}_p99_ms']:.2f} ms"
+                for n in ("noop", "ours")
+            )
+            + f" (rps_ratio_vs_noop {result[f'rps_ratio_vs_noop_c{c}']:.2f})"
+        )
+    _log(
+        f"bench serve: batch {result['batch_allocations_per_s']:,.0f} slice-allocations/s; "
+        f"guardrail {result['guardrail_us']:.1f} us, cvxpy {result['cvxpy_us']:.1f} us per call "
+        f"(speedup {result['guardrail_speedup_vs_cvxpy']:.1f})"
+    )
+    return result
+
+
+# --- the service under load ----------------------------------------------------------------------
+
+
+def export_model(out: Path, seed: int) -> str:
+    """A fresh seeded 3-slice actor module exported to ONNX in ``out``; returns the directory."""
+    from deepslicing.config import to_dict
+    from deepslicing.export import export_module, slice_layout, untrained_actor_module
+    from deepslicing.simulator import SlicingConfig
+
+    env = SlicingConfig()
+    info = {
+        "model_version": "bench-serve-untrained",
+        "source_checkpoint": "none (untrained, deepslicing bench serve)",
+        "algorithm": "MADDPG",
+        "variant": "both",
+        "slices": slice_layout(env),
+        "env": to_dict(env),
+    }
+    module = untrained_actor_module(NUM_SLICES, seed=seed)
+    export_module(module, out, ("onnx",), 17, info, parity_samples=256, seed=seed)
+    return str(out)
+
+
+def batch_cells(rng: np.random.Generator, cells: int) -> list[dict[str, Any]]:
+    """``cells`` copies of the operator payload, each with its own ``time_of_day``."""
+    from deepslicing.serving import OPERATOR_REQUEST
+
+    times = rng.random(cells)
+    return [{**OPERATOR_REQUEST, "time_of_day": round(float(t), 4)} for t in times]
+
+
+def check_answers(url: str, key: str, batch: bytes) -> None:
+    """One request to each endpoint before timing: 200 and answers of the expected shape."""
+    from deepslicing.serving import OPERATOR_REQUEST, request
+
+    checks = (
+        (f"{NOOP_PREFIX}/allocate", OPERATOR_REQUEST, lambda a: a == NOOP_ANSWER),
+        ("/allocate", OPERATOR_REQUEST, lambda a: len(a["slices"]) == NUM_SLICES),
+        (
+            "/allocate/batch",
+            json.loads(batch),
+            lambda a: (
+                len(a["cells"]) == BATCH_CELLS
+                and all(c["total_share"] <= 1 + 1e-9 for c in a["cells"])
+            ),
+        ),
+    )
+    for path, body, valid in checks:
+        status, answer = request(url, "POST", path, body, key)
+        if status != 200 or not valid(answer):
+            raise RuntimeError(f"bench serve: POST {path} answered {status}: {str(answer)[:300]}")
+
+
+class HttpLoad:
+    """A contender for :func:`deepslicing.bench.interleave`: ``concurrency`` closed-loop workers
+    POST ``body`` to ``url`` for ``seconds``; each call appends the round's figures to
+    ``rounds`` and returns requests/s. Any answer but 200 fails the run."""
+
+    def __init__(self, loop, session, url: str, body: bytes, headers: dict, concurrency: int):
+        self.loop, self.session, self.url = loop, session, url
+        self.body, self.headers, self.concurrency = body, headers, concurrency
+        self.rounds: list[dict[str, float]] = []
+
+    def __call__(self, seconds: float) -> float:
+        latencies, elapsed, errors, attempts = self.loop.run_until_complete(self.load(seconds))
+        if errors:
+            raise RuntimeError(
+                f"bench serve: {len(errors)} of {attempts} requests to {self.url} failed "
+                f"(concurrency {self.concurrency}); first: {errors[0]}"
+            )
+        ms = np.asarray(latencies) * 1e3
+        rps = len(latencies) / elapsed
+        p50, p95, p99 = np.percentile(ms, (50, 95, 99))
+        self.rounds.append(
+            {
+                "rps": rps,
+                "p50_ms": float(p50),
+                "p95_ms": float(p95),
+                "p99_ms": float(p99),
+                "requests": len(latencies),
+            }
+        )
+        return rps
+
+    async def load(self, seconds: float) -> tuple[list[float], float, list[str], int]:
+        import aiohttp
+
+        latencies: list[float] = []
+        errors: list[str] = []
+        attempts = 0
+        clock = time.perf_counter
+        start = clock()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            nonlocal attempts
+            while clock() < deadline:
+                attempts += 1
+                before = clock()
+                try:
+                    async with self.session.post(
+                        self.url, data=self.body, headers=self.headers
+                    ) as response:
+                        answer = await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                if status == 200:
+                    latencies.append(clock() - before)
+                else:
+                    errors.append(f"status {status}: {answer[:300].decode(errors='replace')}")
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        return latencies, clock() - start, errors, attempts
+
+
+# --- the guardrail in-process --------------------------------------------------------------------
+
+
+class CvxpyProjection:
+    """min ||z - a||^2 over {z >= 0, sum z <= 1} for one cell, compiled once, solved per call."""
+
+    def __init__(self, num_slices: int) -> None:
+        import cvxpy as cp
+
+        self.requests = cp.Parameter(num_slices)
+        self.z = cp.Variable(num_slices)
+        self.problem = cp.Problem(
+            cp.Minimize(cp.sum_squares(self.z - self.requests)),
+            [self.z >= 0, cp.sum(self.z) <= 1],
+        )
+        self.solver = ""
+
+    def __call__(self, requested: np.ndarray) -> np.ndarray:
+        import cvxpy as cp
+
+        self.requests.value = requested[0]
+        self.problem.solve()
+        if self.problem.status != cp.OPTIMAL:
+            raise RuntimeError(f"bench serve: cvxpy returned status {self.problem.status}")
+        self.solver = self.problem.solver_stats.solver_name
+        return self.z.value[None, :]
+
+
+def guardrail_contenders(rng: np.random.Generator):
+    """The guardrail and cvxpy as ``requested (1, 3) -> shares (1, 3)`` calls, the pool of
+    requests they cycle through, and their largest disagreement on it (checked here)."""
+    from deepslicing.allocate import Guardrail, coordinate
+
+    requests = list(rng.random((GUARDRAIL_POOL, 1, NUM_SLICES)))
+    need = rng.random((1, NUM_SLICES)) / NUM_SLICES
+    settings = Guardrail()
+
+    def guardrail(requested: np.ndarray) -> np.ndarray:
+        return coordinate(requested, need, settings)[0]
+
+    cvxpy_call = CvxpyProjection(NUM_SLICES)
+    agreement = max(float(np.abs(guardrail(r) - cvxpy_call(r)).max()) for r in requests)
+    if not agreement <= AGREEMENT_TOLERANCE:
+        raise RuntimeError(
+            f"bench serve: guardrail and cvxpy disagree by {agreement:.3g} (> "
+            f"{AGREEMENT_TOLERANCE:g}) on the same requests"
+        )
+    return guardrail, cvxpy_call, requests, agreement
+
+
+@dataclasses.dataclass
+class CallLoad:
+    """A contender for :func:`deepslicing.bench.interleave`: ``call`` on the requests of ``pool``
+    in turn for ``seconds``; appends the round's microseconds per call to ``rounds``, returns
+    calls/s."""
+
+    call: Callable[[np.ndarray], np.ndarray]
+    pool: list[np.ndarray]
+    rounds: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def __call__(self, seconds: float) -> float:
+        clock = time.perf_counter
+        n = len(self.pool)
+        calls = 0
+        start = clock()
+        deadline = start + seconds
+        now = start
+        while now < deadline:
+            self.call(self.pool[calls % n])
+            calls += 1
+            now = clock()
+        self.rounds.append({"us": (now - start) / calls * 1e6, "calls": calls})
+        return calls / (now - start)
