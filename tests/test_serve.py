@@ -496,6 +496,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(service, tmp
             "--report-junit-path",
             str(report),
         ],
+        cwd=tmp_path,  # schemathesis keeps a cache directory where it runs
         capture_output=True,
         text=True,
         timeout=600,
