@@ -176,7 +176,6 @@ class Service:
         from deepslicing.simulator import SlicingConfig
         from deepslicing.tracking import tracking_uri
 
-        keys = KeyRing(read_keys(config.api_keys_file)) if config.auth else None
         if config.model.startswith("models:/"):
             from deepslicing.registry import download_export
 
@@ -197,6 +196,7 @@ class Service:
                 )
             policy = load_exported(config.model, config.format)
             model_version = str(policy.metadata["model_version"])
+        keys = KeyRing(read_keys(config.api_keys_file)) if config.auth else None
         meta = policy.metadata
         env = from_mapping(SlicingConfig, meta["env"])
         return cls(

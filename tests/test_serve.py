@@ -686,3 +686,21 @@ def test_main_job_trains_registers_serves_and_answers(tmp_path):
     key = key_file.read_text().strip()
     assert key not in out and key not in result.stderr
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_serve_command_refuses_bad_settings_before_starting_anything(exports, tmp_path, capsys):
+    from deepslicing.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "model: " in capsys.readouterr().err
+    missing = tmp_path / "no_keys"
+    assert main(["serve", "--model", str(exports["a"]), "--api-keys-file", str(missing)]) == 2
+    assert "api_keys_file: no such file" in capsys.readouterr().err
+    short = tmp_path / "short_keys"
+    short.write_text("tooshort\n")
+    assert main(["serve", "--model", str(exports["a"]), "--api-keys-file", str(short)]) == 2
+    assert "at least 16 characters" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    with pytest.raises(SystemExit):
+        main(["serve", "--qos-floor", "2"])
+    assert "qos_floor: must be a number in [0, 1]" in capsys.readouterr().err
