@@ -58,16 +58,19 @@ OPERATOR_REQUEST = {
     ]
 }
 READY_TIMEOUT_S = 120.0
+_started_ray = False  # did start() start the local Ray that stop() should end
 
 
 def start(config: ServeConfig) -> str:
-    """Check the settings, start Ray and the service; the service's base URL once it answers."""
+    """Check the settings, start Ray (unless it runs) and the service; the service's base URL
+    once it answers."""
     from ray import serve
 
     from deepslicing.ray_runtime import init_ray
 
     Service.load(config)  # model and keys: a clear error here instead of a failing replica
-    init_ray(config.num_cpus)
+    global _started_ray
+    _started_ray = init_ray(config.num_cpus) or _started_ray
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     url = f"http://{config.host}:{config.port}"
@@ -87,12 +90,18 @@ def start(config: ServeConfig) -> str:
 
 
 def stop() -> None:
+    """Remove the service; stop Ray too when :func:`start` started it (else leave the cluster be)."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    global _started_ray
+    if not ray.is_initialized():
+        return
+    if _started_ray:
+        ray.shutdown()  # takes Serve with it
+        _started_ray = False
+    else:
+        serve.delete(APP_NAME)
 
 
 def request(
