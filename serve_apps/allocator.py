@@ -20,9 +20,12 @@ Every error is JSON ``{"error", "message", "details": [{"field", "rule"}]}``: 40
 Model: loaded once per replica in ``reconfigure`` from ``model``, a registered model URI
 (``models:/deepslicing-allocator@champion``, ONNX through onnxruntime) or an export directory
 (``format`` onnx, int8 or torchscript). All settings travel as the deployment's ``user_config``,
-so a new champion is picked up by redeploying with a changed ``user_config`` (``serve deploy`` of
-the config file, or ``serve.run(build_app(...))``): replicas load the new model beside the old one
-and swap, requests in flight finish on the old one.
+so a new champion is picked up by redeploying with changed settings (``serve deploy`` of the
+config file, or ``serve.run(build_app(...))``): a new ``model``, or, when the alias moved under
+the same URI, a new ``revision``. Serve then rolls the deployment: new replicas load the new model
+and take traffic once healthy, old ones finish their requests and stop, so none is dropped. (A
+``user_config`` override in the config file's ``deployments`` section reloads inside the running
+replicas through ``reconfigure`` instead.)
 
 Metrics: recorded with ``ray.serve.metrics`` (names in :mod:`deepslicing.metrics`), which Ray
 aggregates per node and exports at each node's metrics port for Prometheus; ``GET /metrics``
@@ -88,6 +91,9 @@ class ServeConfig:
     tracking_uri: str | None = option(
         None,
         "MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    revision: str = option(
+        "", "any new value makes running replicas reload the model (after the alias moved)"
     )
     format: Literal["onnx", "int8", "torchscript"] = option(
         "onnx", "model file of an export directory (registered models are ONNX)"

@@ -532,6 +532,8 @@ def _load(path: str, body: dict, stop: threading.Event, workers: int, url: str =
 
 
 def test_a_new_model_is_picked_up_by_reconfiguring_without_dropping_requests(service, exports):
+    """Redeploying with another model rolls the replicas under load; no request fails."""
+    replicas = _replicas("main")
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         load = pool.submit(_load, "/allocate", {"slices": USE_CASES["operator"]}, stop, 4)
@@ -556,6 +558,7 @@ def test_a_new_model_is_picked_up_by_reconfiguring_without_dropping_requests(ser
     versions = [v for _, v in results]
     assert versions[0] == "model-a" and versions[-1] == "model-b"
     assert request(URL, "GET", "/model_info", None, KEY)[1]["model_version"] == "model-b"
+    assert _replicas("main") != replicas  # Serve rolled the deployment onto new replicas
 
 
 def _replicas(app: str) -> list[str]:
