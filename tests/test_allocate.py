@@ -1,0 +1,209 @@
+"""The serving core without HTTP: kind inference, needs, the guardrail (feasible always, QoS floor,
+409 reason), routing slices to actors, batch grouping; API keys and token buckets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepslicing import model
+from deepslicing.allocate import (
+    MAX_NEED,
+    Guardrail,
+    InfeasibleError,
+    SliceInput,
+    allocate,
+    coordinate,
+    infer_kind,
+    request_shares,
+)
+from deepslicing.coordinator import project_capacity
+from deepslicing.slices import default_slices
+from serve_apps.security import ApiKeyError, KeyRing, TokenBuckets, key_id, read_keys
+
+KINDS = ("embb", "urllc", "mmtc")
+CELL = model.Cell()
+
+
+def constant_actor(value: float):
+    return lambda obs: np.full(obs.shape[:2], value, dtype=np.float32)
+
+
+def answer(cells, actor=None, guardrail=None, kinds=KINDS, times=None):
+    guardrail = guardrail or Guardrail()
+    times = [0.5] * len(cells) if times is None else times
+    return allocate(cells, times, actor or constant_actor(0.4), kinds, CELL, guardrail)
+
+
+@pytest.mark.parametrize(
+    ("name", "targets", "kind", "expected"),
+    [
+        ("URLLC_Control", {"bandwidth_mbps": 5}, None, "urllc"),
+        ("CCTV_eMBB", {"latency_ms_p95": 5}, None, "embb"),
+        ("AGV", {"latency_ms_p95": 10, "bandwidth_mbps": 5}, None, "urllc"),
+        ("Video", {"bandwidth_mbps": 200}, None, "embb"),
+        ("Voice", {"jitter_ms": 20, "loss_pct": 1}, None, "urllc"),
+        ("Scanners", {"availability": 99.99}, None, "mmtc"),
+        ("anything", {}, None, "embb"),
+        ("Video", {"bandwidth_mbps": 200}, "mmtc", "mmtc"),
+    ],
+)
+def test_kind_inference(name, targets, kind, expected):
+    assert infer_kind(name, targets, kind) == expected
+
+
+def test_needed_share_matches_the_model_for_default_slices():
+    """A default 3-slice cell with no readings asks exactly what the simulator's model says."""
+    cells = [[SliceInput(k, {}) for k in KINDS]]
+    result, row = answer(cells)[0]
+    specs = model.SliceArrays.from_specs(default_slices(3))
+    need = model.needed_share(specs, CELL, specs.mean_demand, specs.mean_spectral_efficiency)
+    np.testing.assert_allclose(result.needed_share[row], need, rtol=1e-12)
+
+
+def test_guardrail_floor_reserves_each_need_when_the_needs_fit():
+    cells = [
+        [
+            SliceInput("eMBB", {"bandwidth_mbps": 20}, 0, demand=20.0),
+            SliceInput("URLLC", {"latency_ms_p95": 10}, 1),
+            SliceInput("mMTC", {"availability": 99}, 2),
+        ]
+    ]
+    starving = constant_actor(0.0)  # a policy that asks for nothing
+    plain, row = answer(cells, starving)[0]
+    assert not plain.sla_ok[row].any()
+    floored, row = answer(cells, starving, Guardrail(qos_floor=1.0))[0]
+    assert floored.sla_ok[row].all() and floored.share[row].sum() <= 1 + 1e-12
+    half, row = answer(cells, starving, Guardrail(qos_floor=0.5))[0]
+    np.testing.assert_allclose(half.share[row], 0.5 * half.needed_share[row], rtol=1e-9)
+
+
+def test_unmeetable_slas_raise_naming_the_slices_only_when_asked():
+    cells = [[SliceInput("big", {"bandwidth_mbps": 500}, 0, demand=500.0)]]
+    with pytest.raises(InfeasibleError, match=r"big 6\.\d+\), more than 1"):
+        answer(cells, guardrail=Guardrail(reject_infeasible=True))
+    result, row = answer(cells)[0]
+    assert result.total_need[row] > 1 and result.share[row].sum() <= 1 + 1e-12
+
+
+def test_slices_go_to_the_actor_of_their_kind_and_unknown_kinds_ask_their_need():
+    def by_actor(obs):  # actor i answers 0.1 * (i + 1)
+        return np.tile(np.float32([0.1, 0.2, 0.3]), (obs.shape[0], 1))
+
+    kind = np.array([["mmtc", "embb", "urllc", "embb"]])
+    features = np.zeros((1, 4, model.NUM_FEATURES), dtype=np.float32)
+    need = np.array([[0.05, 0.1, 0.2, 0.3]])
+    requested, from_policy = request_shares(by_actor, ("embb", "urllc"), kind, features, need)
+    np.testing.assert_allclose(requested, [[0.05, 0.1, 0.2, 0.1]], rtol=1e-6)
+    assert from_policy.tolist() == [[False, True, True, True]]
+
+
+def test_an_actor_sees_only_its_own_slice_features():
+    seen = []
+
+    def recording(obs):
+        seen.append(obs.copy())
+        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
+
+    cells = [
+        [SliceInput("URLLC", {"latency_ms_p95": 10}), SliceInput("eMBB", {"bandwidth_mbps": 50})]
+    ]
+    answer(cells, recording, times=[0.75])
+    (obs,) = seen
+    assert obs.shape == (2, 3, model.NUM_FEATURES)
+    # slice 0 (urllc) sits at actor 1, slice 1 (embb) at actor 0; everything else is zero
+    assert np.count_nonzero(obs[0, [0, 2]]) == 0 and np.count_nonzero(obs[1, [1, 2]]) == 0
+    assert obs[0, 1, 5] == pytest.approx(0.75) and obs[1, 0, 5] == pytest.approx(0.75)
+
+
+def test_batch_of_mixed_sizes_keeps_order_and_equals_single_answers():
+    small = [
+        SliceInput("URLLC", {"latency_ms_p95": 10}),
+        SliceInput("eMBB", {"bandwidth_mbps": 50}),
+    ]
+    large = [SliceInput(f"s{i}", {"bandwidth_mbps": 10 + i}, i) for i in range(5)]
+    cells = [small, large, small, large]
+    batch = answer(cells, constant_actor(0.3))
+    for (result, row), cell in zip(batch, cells, strict=True):
+        single, srow = answer([cell], constant_actor(0.3))[0]
+        np.testing.assert_allclose(result.share[row], single.share[srow], rtol=0, atol=1e-15)
+        assert result.share.shape[1] == len(cell)
+
+
+def test_extreme_targets_give_finite_answers():
+    cells = [
+        [
+            SliceInput(
+                "x", {"jitter_ms": 5e-324, "latency_ms_p95": 1.0000000000000002}, mean_demand=5e-324
+            )
+        ]
+    ]
+    result, row = answer(cells)[0]
+    assert result.needed_share[row, 0] == MAX_NEED
+    for field in ("share", "requested_share", "throughput_mbps", "sla_risk", "primal_residual"):
+        assert np.isfinite(getattr(result, field)).all(), field
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    requests=st.lists(st.floats(-1, 3, allow_nan=False), min_size=1, max_size=20),
+    floor=st.floats(0, 1),
+    iterations=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_guardrail_is_always_feasible_and_converges_to_the_projection(
+    requests, floor, iterations, seed
+):
+    rng = np.random.default_rng(seed)
+    a = np.array([requests])
+    need = rng.random(a.shape) * 0.5
+    shares, _, _ = coordinate(a, need, Guardrail(iterations=iterations, qos_floor=floor))
+    assert shares.min() >= 0 and shares.sum() <= 1 + 1e-9
+    if floor == 0:
+        exact, _, _ = coordinate(a, need, Guardrail(iterations=200))
+        np.testing.assert_allclose(exact, project_capacity(a), atol=1e-9)
+
+
+def test_guardrail_settings_are_checked():
+    with pytest.raises(ValueError, match="qos_floor"):
+        Guardrail(qos_floor=1.5)
+    with pytest.raises(ValueError, match="admm_rho"):
+        Guardrail(rho=0)
+
+
+def test_key_ring_matches_configured_keys_only(tmp_path, monkeypatch):
+    keys = ["k" * 16, "another-key-0123456789"]
+    ring = KeyRing(keys)
+    assert ring.identify(keys[1]) == key_id(keys[1])
+    for presented in (None, "", "k" * 15, "k" * 17, keys[1].upper()):
+        assert ring.identify(presented) is None
+    secret = tmp_path / "keys"
+    secret.write_text("# comment\n\n  " + keys[0] + "  \n")
+    assert read_keys(str(secret)) == [keys[0]]
+    monkeypatch.setenv("DEEPSLICING_API_KEYS", f"{keys[0]}, {keys[1]}")
+    assert read_keys(None) == keys
+    monkeypatch.setenv("DEEPSLICING_API_KEYS", "")
+    with pytest.raises(ApiKeyError, match="no API keys found"):
+        read_keys(None)
+    with pytest.raises(ApiKeyError, match="no such file"):
+        read_keys(str(tmp_path / "missing"))
+    secret.write_text("tiny-key\n")
+    with pytest.raises(ApiKeyError, match="at least 16 characters") as info:
+        read_keys(str(secret))
+    assert "tiny-key" not in str(info.value)  # the key itself is never in a message
+
+
+def test_token_bucket_allows_the_burst_then_the_rate_and_says_how_long_to_wait():
+    now = [100.0]
+    buckets = TokenBuckets(rate_per_s=2.0, burst=3.0, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = buckets.take("a")
+    assert wait == pytest.approx(0.5) and TokenBuckets.retry_after(wait) == "1"
+    assert buckets.take("b") == 0.0  # keys do not share a bucket
+    now[0] += 0.5
+    assert buckets.take("a") == 0.0
+    assert buckets.take("a") > 0
+    now[0] += 100.0
+    assert [buckets.take("a") for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # refills to the burst only
