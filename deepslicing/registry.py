@@ -272,7 +272,10 @@ def download_export(model_uri: str, destination: Path, uri: str) -> tuple[Path, 
         try:
             version = str(client.get_model_version_by_alias(name, alias).version)
         except mlflow.exceptions.MlflowException as e:
-            raise ValueError(f"model: {model_uri} does not resolve in {uri}: {e.message}") from None
+            raise ValueError(
+                f"model: {model_uri} does not resolve in {uri}: {e.message} (register a model "
+                "with `deepslicing register --checkpoint RUN_DIR` or run `deepslicing run`)"
+            ) from None
     local = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=client.get_model_version_download_uri(name, version),
