@@ -570,3 +570,24 @@ def untrained_actor_module(num_slices: int, seed: int = 0, share_parameters_by_k
     module = spec.build()
     module.eval()
     return module
+
+
+def export_untrained(
+    out: str | Path, seed: int, model_version: str, num_slices: int = 3
+) -> dict[str, Any]:
+    """An ONNX export of a freshly initialised, seeded actor for the default cell of
+    ``num_slices`` slices: real files with the same layout as a trained export, for tests and
+    benchmarks that need a model but not a good one. Returns the metadata."""
+    from deepslicing.simulator import SlicingConfig
+
+    env = SlicingConfig(num_slices=num_slices)
+    info = {
+        "model_version": model_version,
+        "source_checkpoint": "none (untrained)",
+        "algorithm": "MADDPG",
+        "variant": "both",
+        "slices": slice_layout(env),
+        "env": to_dict(env),
+    }
+    module = untrained_actor_module(num_slices, seed=seed)
+    return export_module(module, out, ("onnx",), DEFAULT_OPSET, info, 256, seed)

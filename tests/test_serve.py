@@ -10,11 +10,8 @@ replica, and (slow) autoscaling up and back down.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -27,11 +24,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from deepslicing.config import to_dict
-from deepslicing.export import export_module, untrained_actor_module
+from deepslicing.export import export_untrained
 from deepslicing.ray_runtime import METRICS_REPORT_INTERVAL_MS
 from deepslicing.serving import OPERATOR_REQUEST, request
-from deepslicing.simulator import SlicingConfig
 from serve_apps.allocator import DEPLOYMENT_NAME, ServeConfig, build_app
 
 PORT = 8100
@@ -76,16 +71,7 @@ EXPECTED_KINDS = {
 
 def make_export(directory: Path, seed: int, version: str) -> Path:
     """An ONNX export of a freshly initialised (seeded) 3-slice actor: real files, no training."""
-    env = SlicingConfig()
-    info = {
-        "model_version": version,
-        "source_checkpoint": "none (untrained, for tests)",
-        "algorithm": "MADDPG",
-        "variant": "both",
-        "slices": [dataclasses.asdict(s) for s in env.resolved_slices()],
-        "env": to_dict(env),
-    }
-    export_module(untrained_actor_module(3, seed=seed), directory, ("onnx",), 17, info, 64, seed)
+    export_untrained(directory, seed, version)
     return directory
 
 
@@ -659,51 +645,3 @@ def test_serve_config_file_is_a_valid_serve_deploy_config(exports):
     assert built is not None
     with pytest.raises(ValueError, match="max_replicas"):
         build_app({**args, "min_replicas": 3, "max_replicas": 2})
-
-
-def test_main_job_trains_registers_serves_and_answers(tmp_path):
-    port = 8160
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MLFLOW_TRACKING_URI", "DEEPSLICING_API_KEYS")
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "deepslicing.cli", "run", "--no-keep-serving"]
-        + ["--set", "train.iterations=2", "--set", "train.eval_episodes=0"]
-        + ["--set", "train.maddpg.learning_starts=200", "--set", f"serve.port={port}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "POST /allocate answered by model deepslicing-allocator/1" in out
-    answer = json.loads(out[out.index("{\n") : out.rindex("}") + 1])
-    assert [s["name"] for s in answer["slices"]] == ["eMBB", "URLLC", "mMTC"]
-    assert answer["total_share"] <= 1 + 1e-9
-    key_file = tmp_path / "runs" / "maddpg" / "api_key"
-    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    key = key_file.read_text().strip()
-    assert key not in out and key not in result.stderr
-    assert (tmp_path / "mlflow.db").is_file()
-
-
-def test_serve_command_refuses_bad_settings_before_starting_anything(exports, tmp_path, capsys):
-    from deepslicing.cli import main
-
-    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
-    assert "model: " in capsys.readouterr().err
-    missing = tmp_path / "no_keys"
-    assert main(["serve", "--model", str(exports["a"]), "--api-keys-file", str(missing)]) == 2
-    assert "api_keys_file: no such file" in capsys.readouterr().err
-    short = tmp_path / "short_keys"
-    short.write_text("tooshort\n")
-    assert main(["serve", "--model", str(exports["a"]), "--api-keys-file", str(short)]) == 2
-    assert "at least 16 characters" in capsys.readouterr().err
-    assert not ray.is_initialized()
-    with pytest.raises(SystemExit):
-        main(["serve", "--qos-floor", "2"])
-    assert "qos_floor: must be a number in [0, 1]" in capsys.readouterr().err
