@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -139,7 +140,7 @@ def slice_arrays(
 
     def per_kind(get) -> np.ndarray:
         table = {k: get(d) for k, d in KIND_DEFAULTS.items()}
-        return np.vectorize(table.__getitem__, otypes=[float])(kind)
+        return per_slice(table, kind, float)
 
     ones = np.ones(kind.shape)
     return model.SliceArrays(
@@ -151,6 +152,11 @@ def slice_arrays(
         **{name: targets[..., i] for i, name in enumerate(TARGETS)},
         utility_weight=ones / kind.shape[-1],
     )
+
+
+def per_slice(table: dict[str, Any], kind: np.ndarray, dtype) -> np.ndarray:
+    """``table[kind]`` for every slice, shaped like ``kind``."""
+    return np.array([table[k] for k in kind.reshape(-1).tolist()], dtype=dtype).reshape(kind.shape)
 
 
 def _fill(values: np.ndarray, default: np.ndarray) -> np.ndarray:
@@ -189,7 +195,7 @@ def allocate_group(
         }
         targets[no_targets] = [defaults[k] for k in kind[no_targets]]
 
-    default_mean = np.vectorize(lambda k: KIND_DEFAULTS[k].mean_demand, otypes=[float])(kind)
+    default_mean = per_slice({k: d.mean_demand for k, d in KIND_DEFAULTS.items()}, kind, float)
     mean_demand = _fill(column(lambda s: s.mean_demand), default_mean * 3.0 / num_slices)
     slices = slice_arrays(kind, targets, mean_demand)
     demand = _fill(column(lambda s: s.demand), mean_demand)
@@ -243,7 +249,7 @@ def request_shares(
     first_actor = {}
     for i, k in enumerate(actor_kinds):
         first_actor.setdefault(k, i)
-    index = np.vectorize(lambda k: first_actor.get(k, -1), otypes=[np.int64])(kind).reshape(-1)
+    index = per_slice({k: first_actor.get(k, -1) for k in KINDS}, kind, np.int64).reshape(-1)
     from_policy = index >= 0
     requested = np.minimum(need, 1.0).reshape(-1).copy()
     if from_policy.any():
