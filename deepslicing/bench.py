@@ -93,7 +93,7 @@ class BenchConfig:
         "vs RLlib SAC and vs the bare learner loop; needs a few minutes), export (per-call "
         "latency of the torch, TorchScript, ONNX and int8 actors for 3 and 20 slices) or serve "
         "(the HTTP allocation service on Ray Serve vs a no-op deployment at concurrency 1 and "
-        "16, /allocate/batch throughput, the guardrail vs cvxpy; about 1.5 minutes)",
+        "16, /allocate/batch throughput, the guardrail vs cvxpy; about a minute)",
     )
     json: bool = option(False, "print the result as one JSON line, last on stdout")
     seconds: float = option(2.0, "measuring time per contender per round (s), > 0 and <= 3600")

@@ -8,14 +8,20 @@ one proxy:
 | contender | what answers                                                                           |
 |-----------|----------------------------------------------------------------------------------------|
 | `ours`    | the allocation service, ``serve_apps.allocator.build_app`` at ``/``: ``POST /allocate`` with the operator payload (:data:`deepslicing.serving.OPERATOR_REQUEST`, 3 slices) and an ``X-API-Key``; 1 replica (``min_replicas`` = ``max_replicas`` = 1), rate limits set so high that no request is refused |
-| `noop`    | a FastAPI ingress at ``/noop`` whose ``POST /allocate`` returns a small constant JSON without reading the body; the same replica settings (1 replica, ``replica_cpus``, ``max_ongoing_requests``) |
+| `noop`    | a FastAPI ingress at ``/noop`` whose ``POST /allocate`` reads the request's body (``await request.body()``) and returns a small constant JSON; the same replica settings (1 replica, ``replica_cpus``, ``max_ongoing_requests``) |
 | `batch`   | ours, ``POST /allocate/batch`` with 500 cells of the operator payload's 3 slices (each cell its own seeded ``time_of_day``) |
 | `guardrail` | in-process, no HTTP: :func:`deepslicing.allocate.coordinate` with the default :class:`~deepslicing.allocate.Guardrail` (ADMM, rho 0.5, 20 iterations) on one 3-slice cell ``(1, 3)`` per call |
 | `cvxpy`   | in-process: the same problem, the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
 
-The model is a fresh seeded MADDPG actor module for the default 3 slices, exported to ONNX in a
-temporary directory (latency does not depend on training); the API key is a random one in a
-temporary key file.
+The noop reads the body because Serve's replica pulls a request's body from the proxy with one more
+actor call only when the app reads it. Every real endpoint must; a noop that skips it answered about
+1.5x as many requests per second (concurrency 1 and 16) on the 2-CPU machine of
+``docs/benchmarks.md``, which would measure an endpoint nobody could write rather than Serve's
+overhead.
+
+The model is a fresh seeded actor for the default 3 slices exported to ONNX in a temporary directory
+(:func:`deepslicing.export.export_untrained`; latency does not depend on training); the API key is
+a random one in a temporary key file.
 
 Load generator (the same for ``noop`` and ``ours``, and for ``batch``): one aiohttp
 ``ClientSession`` per concurrency level with keep-alive connections (``TCPConnector(limit=C)``),
@@ -52,8 +58,8 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
   ``rounds``, ``seed`` and the machine (``cpus``, ``python``, ``ray``, ``aiohttp``, ``cvxpy``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Serve's ingress rebuilds the noop endpoint's signature,
+# and FastAPI must see ``Request`` as a class, not a string.
 import asyncio
 import dataclasses
 import json
@@ -68,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
@@ -91,10 +97,14 @@ noop_api = FastAPI()
 @serve.deployment(name="noop")
 @serve.ingress(noop_api)
 class Noop:
-    """The comparator: Serve's proxy, router and FastAPI ingress, and no work at all."""
+    """The comparator: Serve's proxy, router and FastAPI ingress, receiving the request's body and
+    doing nothing with it."""
 
     @noop_api.post("/allocate")
-    async def allocate(self) -> JSONResponse:
+    async def allocate(self, request: Request) -> JSONResponse:
+        # Serve pulls a request's body from the proxy (one more actor call) only when the app reads
+        # it; a service must, so the comparator does too.
+        await request.body()
         return JSONResponse(NOOP_ANSWER)
 
 
@@ -105,6 +115,7 @@ def bench_serve(config) -> dict[str, Any]:
 
     from deepslicing import serving
     from deepslicing.bench import _log, interleave
+    from deepslicing.export import export_untrained
     from deepslicing.ray_runtime import init_ray
     from serve_apps.allocator import API_KEY_HEADER, ServeConfig
 
@@ -119,8 +130,10 @@ def bench_serve(config) -> dict[str, Any]:
         key = secrets.token_urlsafe(24)
         keys_file = Path(scratch) / "api_keys"
         keys_file.write_text(key + "\n")
+        model = Path(scratch) / "model"
+        export_untrained(model, config.seed, "bench-serve-untrained", NUM_SLICES)
         serve_config = ServeConfig(
-            model=export_model(Path(scratch) / "model", config.seed),
+            model=str(model),
             api_keys_file=str(keys_file),
             rate_limit_per_s=RATE_LIMIT,
             rate_limit_burst=int(RATE_LIMIT),
@@ -265,26 +278,6 @@ def bench_serve(config) -> dict[str, Any]:
 
 
 # --- the service under load ----------------------------------------------------------------------
-
-
-def export_model(out: Path, seed: int) -> str:
-    """A fresh seeded 3-slice actor module exported to ONNX in ``out``; returns the directory."""
-    from deepslicing.config import to_dict
-    from deepslicing.export import export_module, slice_layout, untrained_actor_module
-    from deepslicing.simulator import SlicingConfig
-
-    env = SlicingConfig()
-    info = {
-        "model_version": "bench-serve-untrained",
-        "source_checkpoint": "none (untrained, deepslicing bench serve)",
-        "algorithm": "MADDPG",
-        "variant": "both",
-        "slices": slice_layout(env),
-        "env": to_dict(env),
-    }
-    module = untrained_actor_module(NUM_SLICES, seed=seed)
-    export_module(module, out, ("onnx",), 17, info, parity_samples=256, seed=seed)
-    return str(out)
 
 
 def batch_cells(rng: np.random.Generator, cells: int) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""`deepslicing bench env` at a tiny budget: the JSON line's keys and consistency, never timings."""
+"""`deepslicing bench TARGET` at a tiny budget: the JSON keys and consistency, never timings."""
 
 from __future__ import annotations
 
@@ -103,3 +103,46 @@ def test_bench_export_json_line(capsys):
                 result[f"torch_s{size}_median_us"] / result[f"{fmt}_s{size}_median_us"], rel=1e-12
             )
     assert "20 slices" in err  # progress goes to stderr
+
+
+def test_bench_serve_json_line(capsys):
+    """Ray, Serve, both apps and the load generator at a tiny budget (about 25 s, mostly start-up);
+    the JSON keys and their consistency, never timings; Ray is shut down afterwards."""
+    import ray
+
+    from deepslicing.bench import CEILINGS, meets_goal
+
+    assert not ray.is_initialized()
+    code = main(["bench", "serve", "--json", "--seconds", "0.2", "--rounds", "1"])
+    out, err = capsys.readouterr()
+    assert not ray.is_initialized()
+    result = json.loads(out.strip().splitlines()[-1])
+    goals = GOALS["serve"]
+    goals_met = all(meets_goal(key, result[key], goal) for key, goal in goals.items())
+    assert result["goals"] == goals and result["goals_met"] is goals_met
+    assert result["goal_ceilings"] == ["p95_ms_c1"] == sorted(CEILINGS)
+    assert code == (0 if goals_met else 1)
+
+    assert result["target"] == "serve" and result["errors"] == 0
+    assert result["concurrency"] == [1, 16] and result["rounds"] == 1 and result["seconds"] == 0.2
+    for c in (1, 16):
+        for name in ("noop", "ours"):
+            prefix = f"{name}_c{c}"
+            p50, p95, p99 = (result[f"{prefix}_{q}_ms"] for q in ("p50", "p95", "p99"))
+            assert math.isfinite(p99) and 0 < p50 <= p95 <= p99, prefix
+            assert result[f"{prefix}_rps"] > 0 and result[f"{prefix}_requests"] > 0
+            [only] = result[f"{prefix}_rounds"]
+            assert only["rps"] == result[f"{prefix}_rps"] and only["p95_ms"] == p95
+        assert result[f"rps_ratio_vs_noop_c{c}"] == pytest.approx(
+            result[f"ours_c{c}_rps"] / result[f"noop_c{c}_rps"], rel=1e-12
+        )
+    assert result["p95_ms_c1"] == result["ours_c1_p95_ms"]
+    assert result["batch_allocations_per_s"] == pytest.approx(
+        result["batch_requests_per_s"] * result["batch_cells"] * 3, rel=1e-12
+    )
+    assert result["guardrail_speedup_vs_cvxpy"] == pytest.approx(
+        result["cvxpy_us"] / result["guardrail_us"], rel=1e-12
+    )
+    assert 0 <= result["guardrail_max_abs_diff_vs_cvxpy"] <= 1e-4
+    assert result["cvxpy_solver"]
+    assert "rps_ratio_vs_noop" in err  # progress goes to stderr
