@@ -203,7 +203,7 @@ def allocate_group(
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         need = model.needed_share(slices, cell, demand, efficiency)
     # extreme but valid targets (a jitter of 1e-300 ms) overflow; cap them at an absurd need
-    need = np.nan_to_num(need, nan=MAX_NEED, posinf=MAX_NEED)
+    need = np.where(need < MAX_NEED, need, MAX_NEED)  # NaN compares False: capped too
     current = _fill(column(lambda s: s.current_share), np.minimum(need, 1.0))
 
     features = model.observe(
@@ -265,6 +265,9 @@ def coordinate(
     requested: np.ndarray, need: np.ndarray, guardrail: Guardrail
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reserve ``qos_floor`` x need where the reserves fit, ADMM the rest into what remains."""
+    if guardrail.qos_floor == 0.0:
+        result = admm_allocate(requested, rho=guardrail.rho, iterations=guardrail.iterations)
+        return result.shares, result.primal_residual, result.dual_residual
     reserve = guardrail.qos_floor * np.minimum(need, 1.0)
     fits = reserve.sum(axis=-1, keepdims=True) <= 1.0
     reserve = np.where(fits, reserve, 0.0)

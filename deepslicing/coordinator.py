@@ -14,13 +14,15 @@ where a_i is slice i's request. Starting from z = u = 0, each iteration: local p
 coordinator z = project_capacity(x + u), dual update u += x - z. The answer is z, so it is feasible
 after any number of iterations; it converges linearly to project_capacity(a) (from a cold start,
 max error about 2e-5 after 10 iterations and 1e-14 after 30 at rho = 0.5). Defaults: rho = 0.5,
-20 iterations (the same in training, evaluation and serving).
+20 iterations (the same in training, evaluation and serving). The iterations run compiled (numba,
+cached on disk after the first call in a fresh install): a 3-slice cell takes microseconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 DEFAULT_RHO = 0.5
@@ -57,19 +59,48 @@ def admm_allocate(
     """Coordinate requested shares into a feasible allocation by ADMM (see module docstring)."""
     check_admm(rho, iterations)
     a = np.asarray(requests, dtype=np.float64)
-    z = np.zeros_like(a)  # cold start at the feasible origin
-    u = np.zeros_like(a)
-    x = z_prev = z
-    for _ in range(iterations):
-        x = (a + rho * (z - u)) / (1.0 + rho)
-        z_prev = z
-        z = project_capacity(x + u)
-        u = u + x - z
+    rows = np.ascontiguousarray(a.reshape(-1, a.shape[-1]))
+    shares = np.empty_like(rows)
+    primal = np.empty(rows.shape[0])
+    dual = np.empty(rows.shape[0])
+    _admm_rows(rows, float(rho), iterations, shares, primal, dual)
     return AdmmResult(
-        shares=z,
-        primal_residual=np.linalg.norm(x - z, axis=-1),
-        dual_residual=rho * np.linalg.norm(z - z_prev, axis=-1),
+        shares=shares.reshape(a.shape),
+        primal_residual=primal.reshape(a.shape[:-1]),
+        dual_residual=dual.reshape(a.shape[:-1]),
     )
+
+
+@numba.njit(cache=True)
+def _admm_rows(a, rho, iterations, shares, primal, dual):  # pragma: no cover - compiled
+    """ADMM row by row, compiled: at the few slices of a cell, numpy's per-call overhead would
+    cost 10 to 100 times the arithmetic. Same iteration as the module docstring."""
+    num_rows, n = a.shape
+    ranks = np.arange(1.0, n + 1.0)
+    for r in range(num_rows):
+        z = np.zeros(n)
+        u = np.zeros(n)
+        x = np.zeros(n)
+        z_prev = np.zeros(n)
+        for _ in range(iterations):
+            x = (a[r] + rho * (z - u)) / (1.0 + rho)
+            z_prev = z
+            z = _project_row(x + u, ranks)
+            u = u + x - z
+        shares[r] = z
+        primal[r] = np.sqrt(np.sum((x - z) ** 2))
+        dual[r] = rho * np.sqrt(np.sum((z - z_prev) ** 2))
+
+
+@numba.njit(cache=True)
+def _project_row(v, ranks):  # pragma: no cover - compiled
+    """:func:`project_capacity` of one row."""
+    clipped = np.maximum(v, 0.0)
+    if clipped.sum() <= 1.0:
+        return clipped
+    descending = np.sort(v)[::-1]
+    tau = np.max((np.cumsum(descending) - 1.0) / ranks)
+    return np.maximum(v - tau, 0.0)
 
 
 def check_admm(rho: float, iterations: int) -> None:

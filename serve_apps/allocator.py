@@ -41,6 +41,7 @@ the Serve proxy (see ``cluster/README.md``).
 # and FastAPI must see the body models as classes, not strings.
 import dataclasses
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -77,6 +78,7 @@ API_KEY_HEADER = "X-API-Key"
 PROTECTED = {"/allocate", "/allocate/batch", "/predict", "/model_info"}
 ROUTES = PROTECTED | {"/health", "/metrics", "/openapi.json", "/docs"}
 APP_NAME = "deepslicing"
+GAUGE_PERIOD_S = 0.5  # per-slice gauges are refreshed at most this often per replica
 DEPLOYMENT_NAME = "allocator"
 
 
@@ -268,6 +270,18 @@ class ServiceMetrics:
             list(metrics.SERVE_RESIDUAL_BOUNDARIES),
         )
         self.allocations = Counter(metrics.SERVE_ALLOCATIONS, "slice allocations answered")
+        self._gauges_set_at: dict[str, float] = {}
+
+    def set_slice_gauges(self, slices: list[dict]) -> None:
+        """The last share and SLA risk per slice name, at most every GAUGE_PERIOD_S per name: Ray
+        exports a gauge's latest value every couple of seconds, so setting it on every request
+        would cost CPU and show nothing more."""
+        now = time.monotonic()
+        for a in slices:
+            if now - self._gauges_set_at.get(a["name"], -math.inf) >= GAUGE_PERIOD_S:
+                self._gauges_set_at[a["name"]] = now
+                self.share.set(a["share"], tags={"slice": a["name"]})
+                self.sla_risk.set(a["sla_risk"], tags={"slice": a["name"]})
 
 
 _metrics: ServiceMetrics | None = None
@@ -582,9 +596,7 @@ class Allocator:
         m.residual.observe(worst)
         m.allocations.inc(sum(len(s) for s in inputs))
         if len(cells) == 1:
-            for a in answers[0]["slices"]:
-                m.share.set(a["share"], tags={"slice": a["name"]})
-                m.sla_risk.set(a["sla_risk"], tags={"slice": a["name"]})
+            m.set_slice_gauges(answers[0]["slices"])
         return answers
 
     @app.post(
