@@ -382,16 +382,18 @@ class Guard:
         return await self.limit_body(scope, receive, service.config.max_body_bytes)
 
     async def limit_body(self, scope, receive, limit: int):
-        too_large = error_response(
-            413,
-            "too_large",
-            f"request body over {limit} bytes",
-            [{"field": "body", "rule": f"must be at most {limit} bytes"}],
-        )
+        def too_large():
+            service_metrics().rejections.inc(1, tags={"reason": "too_large"})
+            return error_response(
+                413,
+                "too_large",
+                f"request body over {limit} bytes",
+                [{"field": "body", "rule": f"must be at most {limit} bytes"}],
+            )
+
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                service_metrics().rejections.inc(1, tags={"reason": "too_large"})
-                return too_large, receive
+                return too_large(), receive
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -401,8 +403,7 @@ class Guard:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > limit:
-                service_metrics().rejections.inc(1, tags={"reason": "too_large"})
-                return too_large, receive
+                return too_large(), receive
         body = b"".join(chunks)
         sent = False
 

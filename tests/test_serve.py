@@ -648,3 +648,22 @@ def test_serve_config_file_is_a_valid_serve_deploy_config(exports):
     assert built is not None
     with pytest.raises(ValueError, match="max_replicas"):
         build_app({**args, "min_replicas": 3, "max_replicas": 2})
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_a_length(service):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    chunks = (b" " * 50_000 for _ in range(6))  # 300 kB, no Content-Length
+    connection.request(
+        "POST",
+        "/allocate",
+        body=chunks,
+        headers={"Content-Type": "application/json", "X-API-Key": KEY},
+        encode_chunked=True,
+    )
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    assert response.status == 413 and answer["error"] == "too_large"
+    assert post("/allocate", {"slices": USE_CASES["operator"]})[0] == 200
