@@ -83,17 +83,11 @@ def objective(utility_mean: float, sla_violation_rate: float) -> float:
 # on the service's GET /metrics. Latency in milliseconds.
 SERVE_REQUESTS = "deepslicing_requests"  # counter, tags endpoint, status
 SERVE_LATENCY_MS = "deepslicing_request_latency_ms"  # histogram, tags endpoint, status
-SERVE_REJECTIONS = "deepslicing_rejections"  # counter, tag reason (see SERVE_REJECTION_REASONS)
+# counter, tag reason: unauthorized, rate_limited, invalid, too_large or infeasible
+SERVE_REJECTIONS = "deepslicing_rejections"
 SERVE_SHARE = "deepslicing_allocation_share"  # gauge, tag slice: the last share given
 SERVE_SLA_RISK = "deepslicing_sla_risk"  # gauge, tag slice: the last 1 - min(1, share / need)
 SERVE_ADMM_RESIDUAL = "deepslicing_admm_primal_residual"  # histogram: per allocated cell
 SERVE_ALLOCATIONS = "deepslicing_slice_allocations"  # counter: slice allocations answered
-SERVE_REJECTION_REASONS = (
-    "unauthorized",
-    "rate_limited",
-    "invalid",
-    "too_large",
-    "infeasible",
-)
 SERVE_LATENCY_BOUNDARIES_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 SERVE_RESIDUAL_BOUNDARIES = (1e-12, 1e-9, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
