@@ -214,10 +214,9 @@ def allocate_group(
     )
     features[..., 5] = np.asarray(time_of_day, dtype=np.float32)[:, None]
     requested, from_policy = request_shares(actor, actor_kinds, kind, features, need)
-    total_need = need.sum(axis=-1)
-    if guardrail.reject_infeasible and np.any(over := total_need > 1.0 + CAPACITY_TOLERANCE):
-        raise InfeasibleError(infeasible_reason(cells, need, over))
-    share, primal, dual = coordinate(requested, need, guardrail)
+    share, primal, dual = guard(
+        requested, need, guardrail, lambda c: [s.name for s in cells[c]], len(cells)
+    )
 
     kpis = model.qos(slices, cell, share, demand, efficiency)
     return Allocation(
@@ -234,7 +233,7 @@ def allocate_group(
         sla_risk=1.0 - model.satisfaction(share, need),
         primal_residual=primal,
         dual_residual=dual,
-        total_need=total_need,
+        total_need=need.sum(axis=-1),
     )
 
 
@@ -279,16 +278,29 @@ def coordinate(
     return share, result.primal_residual, result.dual_residual
 
 
-def infeasible_reason(
-    cells: Sequence[Sequence[SliceInput]], need: np.ndarray, over: np.ndarray
-) -> str:
-    c = int(np.flatnonzero(over)[0])
-    parts = ", ".join(f"{s.name} {n:.3f}" for s, n in zip(cells[c], need[c], strict=True))
-    where = f"cells[{c}]: " if len(cells) > 1 else ""
-    return (
-        f"{where}the SLAs cannot all be met: the slices need {need[c].sum():.3f} of the cell "
-        f"({parts}), more than 1"
-    )
+def guard(
+    requested: np.ndarray,
+    need: np.ndarray,
+    guardrail: Guardrail,
+    slice_names: Callable[[int], Sequence[str]],
+    num_cells: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The guardrail, arrays ``(C, N)``: with ``reject_infeasible``, raise
+    :class:`InfeasibleError` naming the first cell whose slices need more than the cell (their
+    names from ``slice_names(cell)``); then :func:`coordinate`."""
+    if guardrail.reject_infeasible:
+        over = need.sum(axis=-1) > 1.0 + CAPACITY_TOLERANCE
+        if over.any():
+            c = int(np.flatnonzero(over)[0])
+            parts = ", ".join(
+                f"{name} {n:.3f}" for name, n in zip(slice_names(c), need[c], strict=True)
+            )
+            where = f"cells[{c}]: " if num_cells > 1 else ""
+            raise InfeasibleError(
+                f"{where}the SLAs cannot all be met: the slices need {need[c].sum():.3f} of the "
+                f"cell ({parts}), more than 1"
+            )
+    return coordinate(requested, need, guardrail)
 
 
 def allocate(

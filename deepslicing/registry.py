@@ -257,7 +257,7 @@ def champion_score(
 def download_export(model_uri: str, destination: Path, uri: str) -> tuple[Path, str]:
     """Download a registered model (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as an
     export directory that :func:`deepslicing.export.load_exported` reads (ONNX + metadata);
-    returns the directory and the model version it resolved to."""
+    returns the directory and the version it resolved to, as ``NAME/VERSION``."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -288,7 +288,7 @@ def download_export(model_uri: str, destination: Path, uri: str) -> tuple[Path, 
     export.mkdir(parents=True, exist_ok=True)
     (local / "model.onnx").replace(export / FILES["onnx"])
     (local / "extra_files" / METADATA_FILE).replace(export / METADATA_FILE)
-    return export, version
+    return export, f"{name}/{version}"
 
 
 # --- registration -----------------------------------------------------------------------------

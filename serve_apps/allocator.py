@@ -64,7 +64,7 @@ from deepslicing.allocate import (
     InfeasibleError,
     SliceInput,
     allocate,
-    coordinate,
+    guard,
     slice_answers,
 )
 from deepslicing.config import check_int, from_mapping, option, to_dict
@@ -189,14 +189,12 @@ class Service:
 
             scratch = Path(tempfile.mkdtemp(prefix="deepslicing-model-"))
             try:
-                export_dir, version = download_export(
+                export_dir, model_version = download_export(
                     config.model, scratch, tracking_uri(config.tracking_uri)
                 )
                 policy = load_exported(export_dir, "onnx")
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-            name = config.model.removeprefix("models:/").split("@")[0].split("/")[0]
-            model_version = f"{name}/{version}"
         else:
             if not Path(config.model).is_dir():
                 raise ServiceError(
@@ -556,7 +554,7 @@ class Allocator:
         dependencies=KEY_REQUIRED,
     )
     async def allocate_cell(self, body: schemas.AllocateRequest):
-        return JSONResponse(self._answer([body])[0])
+        return JSONResponse(self._answer([body], self.service)[0])
 
     @app.post(
         "/allocate/batch",
@@ -570,8 +568,7 @@ class Allocator:
             {"cells": self._answer(body.cells, service), "model_version": service.model_version}
         )
 
-    def _answer(self, cells: list[schemas.AllocateRequest], service: Service | None = None):
-        service = service or self.service
+    def _answer(self, cells: list[schemas.AllocateRequest], service: Service):
         inputs = [slice_inputs(c) for c in cells]
         results = allocate(
             inputs,
@@ -626,11 +623,8 @@ class Allocator:
             )
         requested = np.asarray(service.policy(obs), dtype=np.float64)
         need = obs[..., FEATURES.index("needed_share")].astype(np.float64)
-        if service.guardrail.reject_infeasible and need.sum() > 1.0:
-            raise InfeasibleError(
-                f"the SLAs cannot all be met: the slices need {need.sum():.3f} of the cell, more than 1"
-            )
-        shares, _, _ = coordinate(requested, need, service.guardrail)
+        names = [s["name"] for s in service.policy.metadata["slices"]]
+        shares, _, _ = guard(requested, need, service.guardrail, lambda _: names, 1)
         return {
             "requested_shares": requested[0].tolist(),
             "shares": shares[0].tolist(),

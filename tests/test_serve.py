@@ -33,6 +33,7 @@ from serve_apps.allocator import DEPLOYMENT_NAME, ServeConfig, build_app
 PORT = 8100
 URL = f"http://127.0.0.1:{PORT}"
 KEY = "test-key-0123456789abcdef"
+UNLIMITED = {"rate_limit_per_s": 10_000.0, "rate_limit_burst": 10_000}  # never 429 in these tests
 SERVE_CONFIG_FILE = Path(__file__).parents[1] / "serve_apps" / "serve_config.yaml"
 
 # the four use cases of the predecessor system's README (payloads as given there)
@@ -118,8 +119,7 @@ def service(ray_local, exports, keys_file):
         "main",
         "/",
         model=str(exports["a"]),
-        rate_limit_per_s=10_000.0,
-        rate_limit_burst=10_000,
+        **UNLIMITED,
         **common,
     )
     deploy(
@@ -239,6 +239,12 @@ def test_unmeetable_slas_are_rejected_with_409_when_asked(service):
     status, answer = post("/strict/allocate", heavy)
     assert status == 409 and answer["error"] == "infeasible"
     assert "eMBB" in answer["message"] and "more than 1" in answer["message"]
+    # /predict refuses a state whose needed shares (feature 2) add up to more than the cell
+    time.sleep(2.0)
+    state = [1.0, 0.6, 0.5, 0.4, 0.8, 0.5] * 3  # 3 x 0.5 needed
+    status, answer = post("/strict/predict", {"state": state})
+    assert status == 409 and answer["error"] == "infeasible"
+    assert "embb 0.500" in answer["message"] and "1.500 of the cell" in answer["message"]
     # the same request on the main app is answered, feasibly, with the SLA marked at risk
     status, answer = post("/allocate", heavy)
     assert status == 200 and answer["slices"][0]["sla_ok"] is False
@@ -531,8 +537,7 @@ def test_a_new_model_is_picked_up_by_reconfiguring_without_dropping_requests(ser
             "main",
             "/",
             model=str(exports["b"]),
-            rate_limit_per_s=10_000.0,
-            rate_limit_burst=10_000,
+            **UNLIMITED,
             **service,
         )
         deadline = time.monotonic() + 60
@@ -572,8 +577,7 @@ def test_killing_a_replica_loses_at_most_its_requests_in_flight_and_is_replaced(
         min_replicas=2,
         max_replicas=2,
         replica_cpus=0.1,
-        rate_limit_per_s=10_000.0,
-        rate_limit_burst=10_000,
+        **UNLIMITED,
         **service,
     )
     before = _replicas("pair")
@@ -610,8 +614,7 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service, ex
         upscale_delay_s=1.0,
         downscale_delay_s=5.0,
         replica_cpus=0.1,
-        rate_limit_per_s=10_000.0,
-        rate_limit_burst=10_000,
+        **UNLIMITED,
         **service,
     )
     assert _running("scaled") == 1
