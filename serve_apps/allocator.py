@@ -29,7 +29,9 @@ replicas through ``reconfigure`` instead.)
 
 Metrics: recorded with ``ray.serve.metrics`` (names in :mod:`deepslicing.metrics`), which Ray
 aggregates per node and exports at each node's metrics port for Prometheus; ``GET /metrics``
-returns this node's copy of the service's families. Ray reports them every few seconds.
+returns this node's copy of the service's families. A replica tallies requests in plain Python and
+hands them to Ray every ``FLUSH_PERIOD_S`` (a Ray record per request would cost more than the
+guardrail); Ray reports them every few seconds.
 
 Autoscaling: ``min_replicas``..``max_replicas`` replicas of ``replica_cpus`` CPUs each, scaled on
 ``target_ongoing_requests`` per replica (Serve's autoscaler); on a 2-core laptop 0.25-CPU replicas
@@ -39,9 +41,10 @@ the Serve proxy (see ``cluster/README.md``).
 
 # No ``from __future__ import annotations`` here: Serve's ingress rebuilds the endpoint signatures
 # and FastAPI must see the body models as classes, not strings.
+import asyncio
 import dataclasses
+import gc
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -60,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepslicing import metrics
 from deepslicing.allocate import (
+    DEFAULT_TIME_OF_DAY,
     Guardrail,
     InfeasibleError,
     SliceInput,
@@ -78,7 +82,7 @@ API_KEY_HEADER = "X-API-Key"
 PROTECTED = {"/allocate", "/allocate/batch", "/predict", "/model_info"}
 ROUTES = PROTECTED | {"/health", "/metrics", "/openapi.json", "/docs"}
 APP_NAME = "deepslicing"
-GAUGE_PERIOD_S = 0.5  # per-slice gauges are refreshed at most this often per replica
+FLUSH_PERIOD_S = 0.5  # a replica hands its metric tallies to Ray this often
 DEPLOYMENT_NAME = "allocator"
 
 
@@ -217,6 +221,14 @@ class Service:
             buckets=TokenBuckets(config.rate_limit_per_s, float(config.rate_limit_burst)),
         )
 
+    def warm_up(self) -> None:
+        """One allocation with a slice of every kind the model has, so the first request does not
+        pay for loading the compiled guardrail and the ONNX session's first run."""
+        cell = [SliceInput(name=kind, targets={}, kind=kind) for kind in self.actor_kinds]
+        allocate(
+            [cell], [DEFAULT_TIME_OF_DAY], self.policy, self.actor_kinds, self.cell, self.guardrail
+        )
+
     def info(self) -> dict[str, Any]:
         return {
             "model_version": self.model_version,
@@ -239,7 +251,12 @@ class Service:
 
 
 class ServiceMetrics:
-    """The service's Ray metrics, created once per replica process."""
+    """The service's Ray metrics, one set per replica process.
+
+    Each record into a Ray metric is a call into Ray's C++ core, and a request would make about
+    seven; requests only add to plain-Python tallies here, and :meth:`flush` hands them to Ray at
+    most every ``FLUSH_PERIOD_S`` (Ray exports every couple of seconds anyway). Gauges keep the
+    latest value per slice. Everything runs on the replica's event loop, so no lock is needed."""
 
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
@@ -268,18 +285,56 @@ class ServiceMetrics:
             list(metrics.SERVE_RESIDUAL_BOUNDARIES),
         )
         self.allocations = Counter(metrics.SERVE_ALLOCATIONS, "slice allocations answered")
-        self._gauges_set_at: dict[str, float] = {}
+        self._latencies: dict[tuple[str, str], list[float]] = {}
+        self._rejected: dict[str, int] = {}
+        self._residuals: list[float] = []
+        self._allocated = 0
+        self._slices: dict[str, tuple[float, float]] = {}
+        self._flusher: asyncio.Task | None = None
 
-    def set_slice_gauges(self, slices: list[dict]) -> None:
-        """The last share and SLA risk per slice name, at most every GAUGE_PERIOD_S per name: Ray
-        exports a gauge's latest value every couple of seconds, so setting it on every request
-        would cost CPU and show nothing more."""
-        now = time.monotonic()
+    def request(self, endpoint: str, status: int, ms: float) -> None:
+        self._latencies.setdefault((endpoint, str(status)), []).append(ms)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    def rejection(self, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def answered(self, residual: float, allocations: int, slices: list[dict]) -> None:
+        """A request's worst ADMM residual, its slice allocations, and per-slice share and risk."""
+        self._residuals.append(residual)
+        self._allocated += allocations
         for a in slices:
-            if now - self._gauges_set_at.get(a["name"], -math.inf) >= GAUGE_PERIOD_S:
-                self._gauges_set_at[a["name"]] = now
-                self.share.set(a["share"], tags={"slice": a["name"]})
-                self.sla_risk.set(a["sla_risk"], tags={"slice": a["name"]})
+            self._slices[a["name"]] = (a["share"], a["sla_risk"])
+
+    def flush(self) -> None:
+        latencies, self._latencies = self._latencies, {}
+        rejected, self._rejected = self._rejected, {}
+        residuals, self._residuals = self._residuals, []
+        allocated, self._allocated = self._allocated, 0
+        slices, self._slices = self._slices, {}
+        for (endpoint, status), values in latencies.items():
+            tags = {"endpoint": endpoint, "status": status}
+            self.requests.inc(len(values), tags=tags)
+            for ms in values:
+                self.latency.observe(ms, tags=tags)
+        for reason, count in rejected.items():
+            self.rejections.inc(count, tags={"reason": reason})
+        for residual in residuals:
+            self.residual.observe(residual)
+        if allocated:
+            self.allocations.inc(allocated)
+        for name, (share, risk) in slices.items():
+            self.share.set(share, tags={"slice": name})
+            self.sla_risk.set(risk, tags={"slice": name})
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_PERIOD_S)
+            try:
+                self.flush()
+            except Exception:  # a metrics failure must not stop the service or later flushes
+                logger.exception("could not record the service's metrics")
 
 
 _metrics: ServiceMetrics | None = None
@@ -342,10 +397,7 @@ class Guard:
             else:
                 await self.app(scope, receive, send_counted)
         finally:
-            m = service_metrics()
-            tags = {"endpoint": endpoint, "status": str(status)}
-            m.requests.inc(1, tags=tags)
-            m.latency.observe((time.perf_counter() - start) * 1000.0, tags=tags)
+            service_metrics().request(endpoint, status, (time.perf_counter() - start) * 1000.0)
 
     async def check(self, scope, receive, endpoint: str):
         service = Current.service
@@ -358,7 +410,7 @@ class Guard:
                     presented = value.decode("latin-1")
             ident = service.keys.identify(presented)
             if ident is None:
-                service_metrics().rejections.inc(1, tags={"reason": "unauthorized"})
+                service_metrics().rejection("unauthorized")
                 return error_response(
                     401,
                     "unauthorized",
@@ -368,7 +420,7 @@ class Guard:
                 ), receive
             wait = service.buckets.take(ident)
             if wait > 0:
-                service_metrics().rejections.inc(1, tags={"reason": "rate_limited"})
+                service_metrics().rejection("rate_limited")
                 retry = TokenBuckets.retry_after(wait)
                 return error_response(
                     429,
@@ -381,7 +433,7 @@ class Guard:
 
     async def limit_body(self, scope, receive, limit: int):
         def too_large():
-            service_metrics().rejections.inc(1, tags={"reason": "too_large"})
+            service_metrics().rejection("too_large")
             return error_response(
                 413,
                 "too_large",
@@ -439,7 +491,7 @@ KEY_REQUIRED = [Security(APIKeyHeader(name=API_KEY_HEADER, auto_error=False))]
 
 @app.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    service_metrics().rejections.inc(1, tags={"reason": "invalid"})
+    service_metrics().rejection("invalid")
     details = []
     unparsable = False
     for e in exc.errors():
@@ -463,7 +515,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 @app.exception_handler(InfeasibleError)
 async def infeasible(request: Request, exc: InfeasibleError) -> JSONResponse:
-    service_metrics().rejections.inc(1, tags={"reason": "infeasible"})
+    service_metrics().rejection("infeasible")
     return error_response(409, "infeasible", str(exc))
 
 
@@ -499,6 +551,11 @@ def node_metrics_url() -> str:
     raise RuntimeError("this replica's node is not in ray.nodes()")
 
 
+def read_url(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 def service_families(text: str) -> str:
     """The ``ray_deepslicing_*`` families of a Prometheus text exposition, comments included."""
     keep = []
@@ -510,7 +567,7 @@ def service_families(text: str) -> str:
 
 
 def invalid_state(rule: str, field: str = "state") -> JSONResponse:
-    service_metrics().rejections.inc(1, tags={"reason": "invalid"})
+    service_metrics().rejection("invalid")
     return error_response(422, "invalid", f"{field}: {rule}", [{"field": field, "rule": rule}])
 
 
@@ -526,6 +583,11 @@ class Allocator:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         service = Service.load(from_mapping(ServeConfig, user_config))
+        service.warm_up()
+        # what is loaded now lives as long as the replica: keep it out of the collector's scans,
+        # which otherwise pause requests for milliseconds
+        gc.collect()
+        gc.freeze()
         self.service = service  # one reference swap: requests in flight keep the old model
         Current.service = service
         logger.info("serving model %s from %s", service.model_version, service.model_uri)
@@ -591,10 +653,9 @@ class Allocator:
                 }
             )
             worst = max(worst, float(result.primal_residual[row]))
-        m.residual.observe(worst)
-        m.allocations.inc(sum(len(s) for s in inputs))
-        if len(cells) == 1:
-            m.set_slice_gauges(answers[0]["slices"])
+        m.answered(
+            worst, sum(len(s) for s in inputs), answers[0]["slices"] if len(cells) == 1 else []
+        )
         return answers
 
     @app.post(
@@ -632,11 +693,11 @@ class Allocator:
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def prometheus(self):
+    async def prometheus(self):
+        service_metrics().flush()  # this replica's latest tallies; others' lag by FLUSH_PERIOD_S
         if self._metrics_url is None:
             self._metrics_url = node_metrics_url()
-        with urllib.request.urlopen(self._metrics_url, timeout=5) as response:
-            text = response.read().decode()
+        text = await asyncio.to_thread(read_url, self._metrics_url)
         return PlainTextResponse(service_families(text), media_type="text/plain; version=0.0.4")
 
 
