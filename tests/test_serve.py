@@ -638,6 +638,40 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service, ex
     serve.delete("scaled")
 
 
+def test_openapi_document_names_the_bodies_and_key_the_endpoints_check_themselves():
+    from serve_apps.allocator import PROTECTED, app
+
+    document = app.openapi()
+    known = document["components"]["schemas"]
+    for path, model in (
+        ("/allocate", "AllocateRequest"),
+        ("/allocate/batch", "BatchRequest"),
+        ("/predict", "PredictRequest"),
+    ):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert known[model]["additionalProperties"] is False
+    referenced = {ref.rsplit("/", 1)[1] for ref in _refs(document)}
+    assert referenced <= set(known), referenced - set(known)
+    scheme = document["components"]["securitySchemes"]["APIKeyHeader"]
+    assert scheme == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            assert ("security" in operation) == (path in PROTECTED), path
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
 def test_serve_config_file_is_a_valid_serve_deploy_config(exports):
     from ray.serve.schema import ServeDeploySchema
 
