@@ -257,7 +257,8 @@ class ServiceMetrics:
     Each record into a Ray metric is a call into Ray's C++ core, and a request would make about
     seven; requests only add to plain-Python tallies here, and :meth:`flush` hands them to Ray at
     most every ``FLUSH_PERIOD_S`` (Ray exports every couple of seconds anyway). Gauges keep the
-    latest value per slice. Everything runs on the replica's event loop, so no lock is needed."""
+    latest value per slice. Everything runs on the replica's event loop, so no lock is needed; a
+    replica that stops loses at most its last ``FLUSH_PERIOD_S`` of tallies."""
 
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
