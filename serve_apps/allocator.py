@@ -40,7 +40,7 @@ the Serve proxy (see ``cluster/README.md``).
 """
 
 # No ``from __future__ import annotations`` here: Serve's ingress rebuilds the endpoint signatures
-# and FastAPI must see the body models as classes, not strings.
+# and FastAPI must see ``Request`` as a class, not a string.
 import asyncio
 import dataclasses
 import functools
@@ -741,8 +741,8 @@ class Allocator:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus(self):
         service_metrics().flush()  # this replica's latest tallies; others' lag by FLUSH_PERIOD_S
-        if self._metrics_url is None:
-            self._metrics_url = node_metrics_url()
+        if self._metrics_url is None:  # ray.nodes() and the read block: off the event loop
+            self._metrics_url = await asyncio.to_thread(node_metrics_url)
         text = await asyncio.to_thread(read_url, self._metrics_url)
         return PlainTextResponse(service_families(text), media_type="text/plain; version=0.0.4")
 
