@@ -491,7 +491,7 @@ app.add_middleware(Guard)
 # FastAPI's typed-body and key dependencies cost about 0.13 ms of the replica's CPU per request,
 # more than the guardrail. The document is completed by hand, so clients and schemathesis see the
 # same bodies and key rule.
-BODY_MODELS = (schemas.AllocateRequest, schemas.BatchRequest, schemas.PredictRequest)
+BODY_MODELS: dict[str, type[BaseModel]] = {}  # bodies endpoints parse themselves, by name
 KEY_SCHEME = "APIKeyHeader"
 
 
@@ -505,7 +505,7 @@ def openapi_document(api: FastAPI) -> dict[str, Any]:
         )
         components = document.setdefault("components", {})
         known = components.setdefault("schemas", {})
-        for model in BODY_MODELS:
+        for model in BODY_MODELS.values():
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             known.update(schema.pop("$defs", {}))
             known[model.__name__] = schema
@@ -522,10 +522,18 @@ def openapi_document(api: FastAPI) -> dict[str, Any]:
 app.openapi = functools.partial(openapi_document, app)
 
 
-def json_body(model: type) -> dict[str, Any]:
-    """``openapi_extra`` of an endpoint whose JSON body is ``model``."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def post_json(path: str, body: type[BaseModel], response: type[BaseModel]):
+    """``app.post`` for an endpoint that parses its JSON ``body`` itself (with :func:`parse`)."""
+    BODY_MODELS[body.__name__] = body
+    schema = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return app.post(
+        path,
+        response_model=response,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
+        },
+    )
 
 
 async def parse(request: Request, model: type[BaseModel]) -> Any:
@@ -652,22 +660,12 @@ class Allocator:
     async def model_info(self):
         return self.service.info()
 
-    @app.post(
-        "/allocate",
-        response_model=schemas.CellAllocation,
-        responses=ERRORS,
-        openapi_extra=json_body(schemas.AllocateRequest),
-    )
+    @post_json("/allocate", schemas.AllocateRequest, schemas.CellAllocation)
     async def allocate_cell(self, request: Request):
         body = await parse(request, schemas.AllocateRequest)
         return JSONResponse(self._answer([body], self.service)[0])
 
-    @app.post(
-        "/allocate/batch",
-        response_model=schemas.BatchAllocation,
-        responses=ERRORS,
-        openapi_extra=json_body(schemas.BatchRequest),
-    )
+    @post_json("/allocate/batch", schemas.BatchRequest, schemas.BatchAllocation)
     async def allocate_batch(self, request: Request):
         body = await parse(request, schemas.BatchRequest)
         service = self.service
@@ -703,12 +701,7 @@ class Allocator:
         )
         return answers
 
-    @app.post(
-        "/predict",
-        response_model=schemas.PredictResponse,
-        responses=ERRORS,
-        openapi_extra=json_body(schemas.PredictRequest),
-    )
+    @post_json("/predict", schemas.PredictRequest, schemas.PredictResponse)
     async def predict(self, request: Request):
         body = await parse(request, schemas.PredictRequest)
         service = self.service
