@@ -105,6 +105,9 @@ class BenchConfig:
     )
     num_envs: int = option(1024, "cells stepped together by the batched core (1..1000000)")
     seed: int = option(0, "seed of the pre-generated actions and of the env resets, >= 0")
+    ingress: Literal["auto", "proxy", "haproxy"] = option(
+        "auto", "serve: how HTTP reaches both deployments (as `deepslicing serve --ingress`)"
+    )
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

@@ -1,9 +1,11 @@
 """``deepslicing bench serve``: the HTTP allocation service against a no-op Serve deployment, its
 batch throughput, and its guardrail against a cvxpy solve, in one run.
 
-One process starts a local Ray (2 CPUs) and Serve's HTTP proxy on ``127.0.0.1:8311`` (not 8000, so
-it does not collide with a service or tests on the default port), with two applications behind that
-one proxy:
+One process starts a local Ray (2 CPUs) and Serve's HTTP ingress on ``127.0.0.1:8311`` (not 8000,
+so it does not collide with a service or tests on the default port), with two applications behind
+it. ``--ingress`` (default ``auto``: ``haproxy`` where Ray finds the HAProxy binary, else ``proxy``)
+chooses it for both, as for ``deepslicing serve``: HAProxy straight to each replica's own port, or
+Serve's Python proxy actor (:mod:`deepslicing.ray_runtime`). The contenders:
 
 | contender | what answers                                                                           |
 |-----------|----------------------------------------------------------------------------------------|
@@ -13,8 +15,8 @@ one proxy:
 | `guardrail` | in-process, no HTTP: :func:`deepslicing.allocate.coordinate` with the default :class:`~deepslicing.allocate.Guardrail` (ADMM, rho 0.5, 20 iterations) on one 3-slice cell ``(1, 3)`` per call |
 | `cvxpy`   | in-process: the same problem, the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
 
-The noop reads the body because Serve's replica pulls a request's body from the proxy with one more
-actor call only when the app reads it. Every real endpoint must; a noop that skips it answered about
+The noop reads the body because, behind the proxy, Serve's replica pulls a request's body from the
+proxy with one more actor call only when the app reads it. Every real endpoint must; a noop that skips it answered about
 1.5x as many requests per second (concurrency 1 and 16) on the 2-CPU machine of
 ``docs/benchmarks.md``, which would measure an endpoint nobody could write rather than Serve's
 overhead.
@@ -54,7 +56,7 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
   ``guardrail_max_abs_diff_vs_cvxpy``; ``cvxpy_solver``; ``guardrail_us_rounds``,
   ``cvxpy_us_rounds``;
 - ``errors`` (always 0: a run with errors fails), ``concurrency``, ``batch_cells``,
-  ``batch_concurrency``, ``port``, ``replica_cpus``, ``max_ongoing_requests``, ``seconds``,
+  ``batch_concurrency``, ``port``, ``ingress`` (the one used), ``replica_cpus``, ``max_ongoing_requests``, ``seconds``,
   ``rounds``, ``seed`` and the machine (``cpus``, ``python``, ``ray``, ``aiohttp``, ``cvxpy``).
 """
 
@@ -116,9 +118,10 @@ def bench_serve(config) -> dict[str, Any]:
     from deepslicing import serving
     from deepslicing.bench import _log, interleave
     from deepslicing.export import export_untrained
-    from deepslicing.ray_runtime import init_ray
+    from deepslicing.ray_runtime import init_ray, resolve_ingress
     from serve_apps.allocator import API_KEY_HEADER, ServeConfig
 
+    ingress = resolve_ingress(config.ingress)
     rng = np.random.default_rng(config.seed)
     guardrail, cvxpy_call, requests, agreement = guardrail_contenders(rng)
     solver = cvxpy_call.solver
@@ -140,12 +143,15 @@ def bench_serve(config) -> dict[str, Any]:
             port=PORT,
             min_replicas=1,
             max_replicas=1,
+            ingress=ingress,
         )
         loop = asyncio.new_event_loop()
         sessions: dict[int, Any] = {}
-        started_ray = init_ray(serve_config.num_cpus)
+        started_ray = init_ray(serve_config.num_cpus, ingress, serve_config.host)
+        if os.environ.get("RAY_ADDRESS"):
+            ingress = "the cluster's"  # its nodes' environment decides, not this run
         try:
-            _log(f"bench serve: starting Ray and Serve on {serve_config.host}:{PORT}")
+            _log(f"bench serve: starting Ray and Serve on {serve_config.host}:{PORT} ({ingress})")
             url = serving.start(serve_config)
             serve.run(
                 Noop.options(
@@ -246,6 +252,7 @@ def bench_serve(config) -> dict[str, Any]:
             "batch_cells": BATCH_CELLS,
             "batch_concurrency": BATCH_CONCURRENCY,
             "port": PORT,
+            "ingress": ingress,
             "replica_cpus": serve_config.replica_cpus,
             "max_ongoing_requests": serve_config.max_ongoing_requests,
             "seconds": config.seconds,

@@ -70,7 +70,7 @@ def start(config: ServeConfig) -> str:
 
     Service.load(config)  # model and keys: a clear error here instead of a failing replica
     global _started_ray
-    _started_ray = init_ray(config.num_cpus) or _started_ray
+    _started_ray = init_ray(config.num_cpus, config.ingress, config.host) or _started_ray
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     url = f"http://{config.host}:{config.port}"

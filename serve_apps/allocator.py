@@ -133,6 +133,13 @@ class ServeConfig:
     replica_cpus: float = option(0.25, "CPUs reserved per replica (fractions let several fit)")
     max_ongoing_requests: int = option(32, "requests one replica takes at once")
     num_cpus: int = option(2, "CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
+    ingress: Literal["auto", "proxy", "haproxy"] = option(
+        "auto",
+        "how HTTP reaches the replicas when this command starts Ray: haproxy (HAProxy straight "
+        "to each replica's own port; about 3x lower latency here), proxy (Serve's Python proxy), "
+        "auto (haproxy where ray[serve] installed its binary, i.e. Linux; else proxy); with "
+        "RAY_ADDRESS the cluster's environment decides (cluster/README.md)",
+    )
 
     def __post_init__(self) -> None:
         self.guardrail()  # checks rho, iterations, qos_floor
@@ -340,6 +347,50 @@ class ServiceMetrics:
 
 
 _metrics: ServiceMetrics | None = None
+
+
+class CellBatcher:
+    """Answers the single cells of ``POST /allocate`` together: cells that arrive while the replica
+    is busy wait for one :func:`deepslicing.allocate.allocate` call on all of them (in-process,
+    233 us for a cell alone, 45 us per cell in a batch of 8). Nothing waits on purpose: a cell
+    that finds the replica idle is answered at once, alone. If the shared call raises (an
+    infeasible cell under ``reject_infeasible``), each cell is answered alone, so an error stays
+    with its cell. A cell's answer equals its answer alone up to float32 rounding in the ONNX
+    actor (its row may round differently beside others; 5e-8 seen). Runs on the replica's event
+    loop; ``answer`` maps a list of cells to their answers in order."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.waiting: list[tuple[Any, asyncio.Future]] = []
+
+    async def submit(self, cell) -> dict:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self.waiting:
+            loop.call_soon(self.run)  # after the requests already on the loop had their turn
+        self.waiting.append((cell, done))
+        return await done
+
+    def run(self) -> None:
+        batch, self.waiting = self.waiting, []
+        cells = [cell for cell, _ in batch]
+        try:
+            answers: list = self.answer(cells)
+        except Exception as e:
+            answers = [self.alone(cell) for cell in cells] if len(cells) > 1 else [e]
+        for (_, done), answer in zip(batch, answers, strict=True):
+            if done.done():  # its request was cancelled
+                continue
+            if isinstance(answer, Exception):
+                done.set_exception(answer)
+            else:
+                done.set_result(answer)
+
+    def alone(self, cell) -> Any:
+        try:
+            return self.answer([cell])[0]
+        except Exception as e:
+            return e
 
 
 class Current:
@@ -631,6 +682,7 @@ class Allocator:
     def __init__(self) -> None:
         self.service: Service | None = None
         self._metrics_url: str | None = None
+        self._cells = CellBatcher(lambda cells: self._answer(cells, self.service, gauges=True))
         service_metrics()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -663,7 +715,7 @@ class Allocator:
     @post_json("/allocate", schemas.AllocateRequest, schemas.CellAllocation)
     async def allocate_cell(self, request: Request):
         body = await parse(request, schemas.AllocateRequest)
-        return JSONResponse(self._answer([body], self.service)[0])
+        return JSONResponse(await self._cells.submit(body))
 
     @post_json("/allocate/batch", schemas.BatchRequest, schemas.BatchAllocation)
     async def allocate_batch(self, request: Request):
@@ -673,7 +725,9 @@ class Allocator:
             {"cells": self._answer(body.cells, service), "model_version": service.model_version}
         )
 
-    def _answer(self, cells: list[schemas.AllocateRequest], service: Service):
+    def _answer(self, cells: list[schemas.AllocateRequest], service: Service, gauges: bool = False):
+        """Answers of ``cells`` in order; ``gauges``: the last cell's slices set the per-slice
+        share and risk gauges (single-cell requests do, batches do not)."""
         inputs = [slice_inputs(c) for c in cells]
         results = allocate(
             inputs,
@@ -696,9 +750,7 @@ class Allocator:
                 }
             )
             worst = max(worst, float(result.primal_residual[row]))
-        m.answered(
-            worst, sum(len(s) for s in inputs), answers[0]["slices"] if len(cells) == 1 else []
-        )
+        m.answered(worst, sum(len(s) for s in inputs), answers[-1]["slices"] if gauges else [])
         return answers
 
     @post_json("/predict", schemas.PredictRequest, schemas.PredictResponse)

@@ -9,8 +9,10 @@ replica, and (slow) autoscaling up and back down.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -25,10 +27,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from deepslicing.allocate import InfeasibleError
 from deepslicing.export import export_untrained
-from deepslicing.ray_runtime import METRICS_REPORT_INTERVAL_MS
+from deepslicing.ray_runtime import METRICS_REPORT_INTERVAL_MS, init_ray
 from deepslicing.serving import OPERATOR_REQUEST, request
-from serve_apps.allocator import DEPLOYMENT_NAME, ServeConfig, build_app
+from serve_apps.allocator import DEPLOYMENT_NAME, CellBatcher, ServeConfig, build_app
 
 PORT = 8100
 URL = f"http://127.0.0.1:{PORT}"
@@ -110,8 +113,18 @@ def keys_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", params=["haproxy", "proxy"])
+def ingress(request):
+    """A fresh local Ray whose Serve takes HTTP through each ingress in turn (haproxy is what
+    ``auto`` picks on Linux)."""
+    assert not ray.is_initialized()
+    init_ray(num_cpus=2, ingress=request.param)
+    yield request.param
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def service(ray_local, exports, keys_file):
+def service(ingress, exports, keys_file):
     """The main app at / plus a strict, tightly rate-limited one at /strict."""
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     common = {"api_keys_file": str(keys_file), "port": PORT, "max_body_bytes": 200_000}
@@ -134,6 +147,45 @@ def service(ray_local, exports, keys_file):
     )
     yield common
     serve.shutdown()
+
+
+def listeners() -> dict[int, tuple[str, list[tuple[str, int]]]]:
+    """Per process: its name and the TCP addresses it listens on, (hex address, port) as in
+    /proc/net/tcp (127.0.0.1 is "0100007F")."""
+    owner = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = int(pid)
+        except OSError:  # gone, or not ours to read
+            continue
+    found: dict[int, tuple[str, list[tuple[str, int]]]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owner:  # 0A: LISTEN
+                pid = owner[fields[9]]
+                address, port = fields[1].split(":")
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                found.setdefault(pid, (name, []))[1].append((address, int(port, 16)))
+    return found
+
+
+def test_http_takes_the_chosen_ingress_and_haproxy_listens_on_127_0_0_1_only(service, ingress):
+    assert post("/allocate", {"slices": USE_CASES["operator"]})[0] == 200
+    serving_port = [
+        (name, sockets) for name, sockets in listeners().values() if ("0100007F", PORT) in sockets
+    ]
+    assert len(serving_port) == 1, serving_port
+    name, sockets = serving_port[0]
+    if ingress == "haproxy":
+        assert name == "haproxy"
+        # the HTTP frontend, the stats page and the Prometheus exporter, none on a public address
+        assert len(sockets) >= 3 and all(address == "0100007F" for address, _ in sockets)
+    else:
+        assert name != "haproxy" and name.startswith("ray::")  # Serve's ProxyActor
 
 
 def test_use_case_payloads_get_feasible_allocations(service):
@@ -171,6 +223,46 @@ def test_batch_answers_each_cell_like_a_single_request(service):
         assert [a["share"] for a in cell["slices"]] == pytest.approx(
             [a["share"] for a in single["slices"]], abs=1e-12
         ), case
+
+
+def test_concurrent_single_cells_are_answered_as_if_each_came_alone(service):
+    """16 /allocate requests at once (the replica answers the ones that meet in one allocation)."""
+    cells = [
+        {"slices": slices, "time_of_day": round(0.1 + 0.05 * i, 2)}
+        for i, slices in enumerate(list(USE_CASES.values()) * 4)
+    ]
+    alone = [post("/allocate", c)[1] for c in cells]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda c: post("/allocate", c), cells))
+    for cell, single, (status, answer) in zip(cells, alone, together, strict=True):
+        assert status == 200, answer
+        assert [a["name"] for a in answer["slices"]] == [s["name"] for s in cell["slices"]]
+        # float32 ONNX rows may differ in the last bits with the rows beside them
+        assert [a["share"] for a in answer["slices"]] == pytest.approx(
+            [a["share"] for a in single["slices"]], abs=1e-6
+        )
+
+
+def test_cells_waiting_together_share_one_call_and_an_error_stays_with_its_cell():
+    calls: list[list[str]] = []
+
+    def answer(cells: list[str]) -> list[str]:
+        calls.append(list(cells))
+        if "heavy" in cells:
+            raise InfeasibleError("heavy needs more than the cell")
+        return [c.upper() for c in cells]
+
+    async def submit_together(cells: list[str]):
+        batcher = CellBatcher(answer)
+        return await asyncio.gather(*(batcher.submit(c) for c in cells), return_exceptions=True)
+
+    assert asyncio.run(submit_together(["a", "b", "c"])) == ["A", "B", "C"]
+    assert calls == [["a", "b", "c"]]
+    calls.clear()
+    results = asyncio.run(submit_together(["a", "heavy", "c"]))
+    assert results[0] == "A" and results[2] == "C"
+    assert isinstance(results[1], InfeasibleError)
+    assert calls == [["a", "heavy", "c"], ["a"], ["heavy"], ["c"]]
 
 
 def test_predict_takes_the_flat_state_and_answers_feasible_shares(service):
