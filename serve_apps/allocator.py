@@ -33,10 +33,13 @@ returns this node's copy of the service's families. A replica tallies requests i
 hands them to Ray every ``FLUSH_PERIOD_S`` (a Ray record per request would cost more than the
 guardrail); Ray reports them every few seconds.
 
+Under load, the ``/allocate`` cells waiting in a replica at the same moment are answered with one
+allocation (:class:`CellBatcher`); a request that finds the replica idle never waits for others.
+
 Autoscaling: ``min_replicas``..``max_replicas`` replicas of ``replica_cpus`` CPUs each, scaled on
 ``target_ongoing_requests`` per replica (Serve's autoscaler); on a 2-core laptop 0.25-CPU replicas
 let several fit. On a cluster raise ``max_replicas`` and ``replica_cpus`` and put more nodes behind
-the Serve proxy (see ``cluster/README.md``).
+Serve's ingress (see ``cluster/README.md``).
 """
 
 # No ``from __future__ import annotations`` here: Serve's ingress rebuilds the endpoint signatures
@@ -136,7 +139,7 @@ class ServeConfig:
     ingress: Literal["auto", "proxy", "haproxy"] = option(
         "auto",
         "how HTTP reaches the replicas when this command starts Ray: haproxy (HAProxy straight "
-        "to each replica's own port; about 3x lower latency here), proxy (Serve's Python proxy), "
+        "to each replica's own port; 3-5x lower latency here), proxy (Serve's Python proxy), "
         "auto (haproxy where ray[serve] installed its binary, i.e. Linux; else proxy); with "
         "RAY_ADDRESS the cluster's environment decides (cluster/README.md)",
     )
