@@ -55,6 +55,7 @@ from typing import Any, Literal
 import numpy as np
 
 from deepslicing.config import check_int, option
+from deepslicing.ray_runtime import Ingress
 
 TARGETS = ("env", "train", "export", "serve")
 WARMUP_SECONDS = 0.5  # per contender, before the first round (less when `seconds` is smaller)
@@ -105,7 +106,7 @@ class BenchConfig:
     )
     num_envs: int = option(1024, "cells stepped together by the batched core (1..1000000)")
     seed: int = option(0, "seed of the pre-generated actions and of the env resets, >= 0")
-    ingress: Literal["auto", "proxy", "haproxy"] = option(
+    ingress: Ingress = option(
         "auto", "serve: how HTTP reaches both deployments (as `deepslicing serve --ingress`)"
     )
 

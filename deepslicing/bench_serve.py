@@ -16,10 +16,10 @@ Serve's Python proxy actor (:mod:`deepslicing.ray_runtime`). The contenders:
 | `cvxpy`   | in-process: the same problem, the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
 
 The noop reads the body because, behind the proxy, Serve's replica pulls a request's body from the
-proxy with one more actor call only when the app reads it. Every real endpoint must; a noop that skips it answered about
-1.5x as many requests per second (concurrency 1 and 16) on the 2-CPU machine of
-``docs/benchmarks.md``, which would measure an endpoint nobody could write rather than Serve's
-overhead.
+proxy with one more actor call only when the app reads it. Every real endpoint must; a noop that
+skips it answered about 1.5x as many requests per second (concurrency 1 and 16) on the 2-CPU
+machine of ``docs/benchmarks.md``, which would measure an endpoint nobody could write rather than
+Serve's overhead.
 
 The model is a fresh seeded actor for the default 3 slices exported to ONNX in a temporary directory
 (:func:`deepslicing.export.export_untrained`; latency does not depend on training); the API key is
@@ -56,8 +56,9 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
   ``guardrail_max_abs_diff_vs_cvxpy``; ``cvxpy_solver``; ``guardrail_us_rounds``,
   ``cvxpy_us_rounds``;
 - ``errors`` (always 0: a run with errors fails), ``concurrency``, ``batch_cells``,
-  ``batch_concurrency``, ``port``, ``ingress`` (the one used), ``replica_cpus``, ``max_ongoing_requests``, ``seconds``,
-  ``rounds``, ``seed`` and the machine (``cpus``, ``python``, ``ray``, ``aiohttp``, ``cvxpy``).
+  ``batch_concurrency``, ``port``, ``ingress`` (the one used), ``replica_cpus``,
+  ``max_ongoing_requests``, ``seconds``, ``rounds``, ``seed`` and the machine (``cpus``,
+  ``python``, ``ray``, ``aiohttp``, ``cvxpy``).
 """
 
 # No ``from __future__ import annotations``: Serve's ingress rebuilds the noop endpoint's signature,

@@ -77,6 +77,7 @@ from deepslicing.allocate import (
 )
 from deepslicing.config import check_int, from_mapping, option, to_dict
 from deepslicing.model import FEATURE_HIGH, FEATURES, NUM_FEATURES, Cell
+from deepslicing.ray_runtime import Ingress
 from serve_apps import schemas
 from serve_apps.security import KeyRing, TokenBuckets, read_keys
 
@@ -136,7 +137,7 @@ class ServeConfig:
     replica_cpus: float = option(0.25, "CPUs reserved per replica (fractions let several fit)")
     max_ongoing_requests: int = option(32, "requests one replica takes at once")
     num_cpus: int = option(2, "CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
-    ingress: Literal["auto", "proxy", "haproxy"] = option(
+    ingress: Ingress = option(
         "auto",
         "how HTTP reaches the replicas when this command starts Ray: haproxy (HAProxy straight "
         "to each replica's own port; 3-5x lower latency here), proxy (Serve's Python proxy), "
