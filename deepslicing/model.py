@@ -32,6 +32,22 @@ Observation, 6 features per slice, all measured over the interval just finished:
 | 3     | `allocated_share`     | share the slice was given                           | [0, 1]  |
 | 4     | `satisfaction`        | min(1, allocated / needed)                          | [0, 1]  |
 | 5     | `episode_progress`    | intervals elapsed / episode length (time of day)    | [0, 1]  |
+| 6     | `need_forecast`       | forecast of the next needed share (own history)     | [0, 5]  |
+| 7     | `forecast_error`      | smoothed absolute error of those forecasts (share)  | [0, 5]  |
+| 8     | `previous_need`       | needed share of the interval before the last        | [0, 5]  |
+| 9     | `time_sin`            | (1 + sin(2 pi episode_progress)) / 2                | [0, 1]  |
+| 10    | `time_cos`            | (1 + cos(2 pi episode_progress)) / 2                | [0, 1]  |
+| 11    | `capacity_price`      | coordinator's capacity price / the slice's weight   | [0, 10] |
+
+Features 0..5 are the *measured* features (:data:`MEASURED_FEATURES`: what a slice reports and
+what ``POST /predict`` takes); 6..11 are derived, from the slice's own history (6..8,
+:mod:`deepslicing.forecast`), the clock (9, 10: a day is one episode, as sin/cos so midnight is next
+to 23:59) and one broadcast every slice can see at execution time (11): the coordinator's price of
+capacity in the interval just finished (utility per unit share of the last slice it could not serve
+in full; 0 when every request fit), divided by the slice's utility weight, so it reads as one over
+the largest request the coordinator still served in full. Where only the measured features are
+known (a single reading), :func:`complete_features` fills the derived ones: forecast = previous
+need = the last need, error = ``forecast.INITIAL_RELATIVE_ERROR`` x it, price 0.
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepslicing import forecast
 from deepslicing.scenarios import SPECTRAL_EFFICIENCY_RANGE
 from deepslicing.slices import BASE_DELAY_MS, KINDS, SliceSpec
 
@@ -51,9 +68,19 @@ FEATURES = (
     "allocated_share",
     "satisfaction",
     "episode_progress",
+    "need_forecast",
+    "forecast_error",
+    "previous_need",
+    "time_sin",
+    "time_cos",
+    "capacity_price",
 )
 NUM_FEATURES = len(FEATURES)
-FEATURE_HIGH = np.array([10.0, 1.0, 5.0, 1.0, 1.0, 1.0], dtype=np.float32)
+NUM_MEASURED_FEATURES = 6
+MEASURED_FEATURES = FEATURES[:NUM_MEASURED_FEATURES]
+FEATURE_HIGH = np.array(
+    [10.0, 1.0, 5.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 10.0], dtype=np.float32
+)
 LN20 = math.log(20.0)  # p95 of an exponential sojourn time is ln(20) / (mu - lambda)
 SLA_TOLERANCE = 1e-9
 _TINY = 1e-12
@@ -220,15 +247,46 @@ def traffic_features(
 
 
 def observe(
-    traffic: np.ndarray, shares: np.ndarray, sat: np.ndarray, progress: float
+    traffic: np.ndarray,
+    shares: np.ndarray,
+    sat: np.ndarray,
+    progress: float | np.ndarray,
+    history: forecast.Forecast,
+    previous_need: np.ndarray,
+    price_per_weight: np.ndarray,
 ) -> np.ndarray:
-    """The observation ``(..., num_slices, 6)`` float32 in :data:`FEATURES` order.
+    """The observation ``(..., num_slices, 12)`` float32 in :data:`FEATURES` order.
 
-    ``traffic`` comes from :func:`traffic_features`; ``sat`` from :func:`satisfaction`.
+    ``traffic`` comes from :func:`traffic_features`, ``sat`` from :func:`satisfaction`, ``history``
+    is the slice's forecaster after the interval just finished; ``progress`` is a number or an
+    array broadcastable to ``shares``; ``price_per_weight`` the capacity price / utility weight.
     """
     obs = np.empty((*shares.shape, NUM_FEATURES), dtype=np.float32)
     obs[..., :3] = traffic
     obs[..., 3] = shares
     obs[..., 4] = sat
     obs[..., 5] = progress
-    return obs
+    obs[..., 6] = history.next_need
+    obs[..., 7] = history.error
+    obs[..., 8] = previous_need
+    angle = 2.0 * np.pi * np.asarray(progress, dtype=np.float64)
+    obs[..., 9] = 0.5 * (1.0 + np.sin(angle))
+    obs[..., 10] = 0.5 * (1.0 + np.cos(angle))
+    obs[..., 11] = price_per_weight
+    return np.clip(obs, 0.0, FEATURE_HIGH, out=obs)
+
+
+def complete_features(measured: np.ndarray) -> np.ndarray:
+    """Measured features ``(..., 6)`` -> the full observation ``(..., 12)`` with the derived
+    features at their single-reading defaults (see the module docstring)."""
+    measured = np.asarray(measured, dtype=np.float32)
+    need = measured[..., FEATURES.index("needed_share")].astype(np.float64)
+    return observe(
+        measured[..., :3],
+        measured[..., 3],
+        measured[..., 4],
+        measured[..., 5],
+        forecast.start(need),
+        need,
+        np.zeros_like(need),
+    )

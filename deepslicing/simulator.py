@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from deepslicing import model
+from deepslicing import forecast, model
 from deepslicing.config import check_int, option
 from deepslicing.coordinator import (
     DEFAULT_ITERATIONS,
@@ -94,7 +94,7 @@ class SlicingConfig:
 class Step:
     """What one interval produced, all ``(num_envs, num_slices)`` unless noted."""
 
-    observation: np.ndarray  # (num_envs, num_slices, 6) float32
+    observation: np.ndarray  # (num_envs, num_slices, 12) float32
     reward: np.ndarray
     cost: np.ndarray  # 1.0 where the slice's SLA was violated
     shares: np.ndarray  # the feasible allocation applied
@@ -102,6 +102,7 @@ class Step:
     clipped: np.ndarray  # bool, the request was outside [0, 1] and was clipped
     primal_residual: np.ndarray  # (num_envs,) ADMM residuals (0 with the projection)
     dual_residual: np.ndarray
+    price: np.ndarray  # (num_envs,) the coordinator's capacity price (utility per share)
     done: bool
 
 
@@ -128,7 +129,7 @@ class SlicingSimulator:
         self._no_residual = np.zeros(num_envs)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        """Draw new episodes from ``seed``; returns the first observation ``(num_envs, num_slices, 6)``."""
+        """Draw new episodes from ``seed``; returns the first observation ``(num_envs, num_slices, 12)``."""
         rng = np.random.default_rng(seed)
         horizon = self.config.episode_length + 1
         traffic = generate(
@@ -151,19 +152,22 @@ class SlicingSimulator:
         )
         self.t = 0
         self.shares = np.full((self.num_envs, self.num_slices), 1.0 / self.num_slices)
+        self.history = forecast.start(self.need[:, 0])
+        self.price = np.zeros(self.num_envs)
         return self._observe(model.satisfaction(self.shares, self.need[:, 0]))
 
     def next_need(self) -> np.ndarray:
         """The true needed shares of the interval the next step scores (for the oracle only)."""
         return self.need[:, self.t + 1]
 
-    def coordinate(self, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def coordinate(self, requests: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Feasible shares, ADMM residuals and the capacity price per cell."""
         if self.config.coordinator == "admm":
             r = admm_allocate(
                 requests, rho=self.config.admm_rho, iterations=self.config.admm_iterations
             )
-            return r.shares, r.primal_residual, r.dual_residual
-        return project_capacity(requests), self._no_residual, self._no_residual
+            return r.shares, r.primal_residual, r.dual_residual, self._no_residual
+        return project_capacity(requests), self._no_residual, self._no_residual, self._no_residual
 
     def step(self, requests: np.ndarray) -> Step:
         if self.t >= self.config.episode_length:
@@ -177,10 +181,12 @@ class SlicingSimulator:
         if np.isnan(requests).any():
             raise ActionError("actions: must not be NaN (requested shares are in [0, 1])")
         in_range = np.minimum(np.maximum(requests, 0.0), 1.0)
-        shares, primal, dual = self.coordinate(in_range)
+        shares, primal, dual, price = self.coordinate(in_range)
         self.t += 1
         self.shares = shares
+        self.price = price
         need = self.need[:, self.t]
+        self.history = forecast.update(self.history, need)
         sat = model.satisfaction(shares, need)
         return Step(
             observation=self._observe(sat),
@@ -191,6 +197,7 @@ class SlicingSimulator:
             clipped=in_range != requests,
             primal_residual=primal,
             dual_residual=dual,
+            price=price,
             done=self.t >= self.config.episode_length,
         )
 
@@ -204,5 +211,11 @@ class SlicingSimulator:
     def _observe(self, sat: np.ndarray) -> np.ndarray:
         t = self.t
         return model.observe(
-            self.traffic_features[:, t], self.shares, sat, t / self.config.episode_length
+            self.traffic_features[:, t],
+            self.shares,
+            sat,
+            t / self.config.episode_length,
+            self.history,
+            self.need[:, max(t - 1, 0)],
+            self.price[:, None] / self.slices.utility_weight,
         )

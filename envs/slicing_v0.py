@@ -5,7 +5,7 @@
 | API                | PettingZoo ``ParallelEnv``; ``parallel_env(**kwargs)``                 |
 | agents             | one per slice, named after it: ``["embb", "urllc", "mmtc"]`` by default |
 | action space       | ``Box(0, 1, (1,), float32)``: the share of the cell the slice requests |
-| observation space  | ``Box(0, high, (6,), float32)``: the slice's own features (below)      |
+| observation space  | ``Box(0, high, (12,), float32)``: the slice's own features (below)     |
 | episode            | ``episode_length`` intervals (default 200), then truncation            |
 
 **Dynamics.** Every interval the coordinator turns the requests into a feasible allocation (shares
@@ -16,7 +16,10 @@ agents have not seen, is served. Requests outside [0, 1] are clipped and counted
 **Observation** (all from the interval just finished): 0 ``demand_ratio`` (demand / mean demand,
 [0, 10]); 1 ``spectral_efficiency`` (/ 7.4 bit/s/Hz, [0, 1]); 2 ``needed_share`` (share that would
 just have met the SLA, [0, 5]); 3 ``allocated_share`` ([0, 1]); 4 ``satisfaction``
-(min(1, allocated / needed)); 5 ``episode_progress`` (time of day, [0, 1]).
+(min(1, allocated / needed)); 5 ``episode_progress`` (time of day, [0, 1]); derived from the
+slice's own history: 6 ``need_forecast``, 7 ``forecast_error``, 8 ``previous_need`` (share units);
+from the clock: 9 ``time_sin``, 10 ``time_cos``; and the coordinator's broadcast: 11
+``capacity_price`` (see :mod:`deepslicing.model`).
 
 **Reward** of slice i: weight_i / sum(weights) x satisfaction_i - waste_weight x
 max(0, share_i - needed_i); the rewards of all slices add up to the cell's utility (at most 1).
@@ -30,7 +33,8 @@ max(0, share_i - needed_i); the rewards of all slices add up to the cell's utili
 ``admm_rho`` (0.5), ``admm_iterations`` (20), ``trace_path`` (CSV for ``scenario="trace"``).
 Seeding: ``reset(seed=s)`` fixes the traffic of that episode and of the unseeded resets after it.
 
-**Version history.** v0: first release.
+**Version history.** v0: first release; observations grew from 6 to 12 features (the derived
+6..11) with the kind-shared MADDPG policy.
 
 For many cells at once use :func:`vector_env`, which returns the batched
 :class:`deepslicing.simulator.SlicingSimulator` over the same model.

@@ -62,11 +62,11 @@ def test_same_seed_same_trajectory_and_other_seed_differs(scenario):
     assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
-def test_default_env_is_three_slices_of_six_features():
+def test_default_env_is_three_slices_of_twelve_features():
     env = parallel_env()
     assert env.possible_agents == ["embb", "urllc", "mmtc"]
     obs, _ = env.reset(seed=0)
-    assert all(o.shape == (6,) and o.dtype == np.float32 for o in obs.values())
+    assert all(o.shape == (12,) and o.dtype == np.float32 for o in obs.values())
 
 
 def test_capacity_is_never_exceeded_and_costs_are_apart_from_rewards():
