@@ -17,6 +17,18 @@ Scenarios (the multiplier ``m[t]`` per slice; ``T`` is the horizon):
 | `outage`      | m = 1; in one window of T/8 intervals spectral efficiency of every slice x 0.35    |
 | `flash_crowd` | one random slice: m jumps to 3 at a random time, decays back with time constant T/10 |
 | `trace`       | demand replayed from a CSV file (see :func:`load_trace`), random start per env     |
+| `mix`         | per env (cell), independently: one of the five synthetic scenarios above with      |
+|               | probabilities `MIX_PROBABILITIES` (1/5 each); demand x a cell load factor          |
+|               | U`MIX_LOAD_RANGE` = U[0.6, 1.4] (one per cell) x a slice load factor               |
+|               | U`MIX_SLICE_LOAD_RANGE` = U[0.8, 1.2] (one per slice, so relative loads vary);     |
+|               | the `outage` channel window with probability `MIX_OUTAGE_PROBABILITY` = 0.3        |
+|               | whatever the demand scenario, always when it is `outage` (so 0.2 + 0.8 x 0.3 =     |
+|               | 44 % of cells)                                                                     |
+
+`mix` is for training a policy that generalises; evaluation's ``all`` means the five synthetic
+scenarios (:data:`SYNTHETIC_SCENARIOS`) and never includes it. Both load factors have mean 1, so the
+mean demand of a `mix` cell matches the scenario it drew, on average. :func:`mix_draws` gives the
+per-env draws (the first thing `generate("mix", rng, ...)` takes from ``rng``).
 
 Traces are generated whole at reset: the traffic is exogenous (allocations do not change it), so an
 episode is fixed by its seed and the oracle can see each interval's true demand.
@@ -31,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-SCENARIOS = ("steady", "diurnal", "burst", "outage", "flash_crowd", "trace")
-SYNTHETIC_SCENARIOS = SCENARIOS[:-1]
+SYNTHETIC_SCENARIOS = ("steady", "diurnal", "burst", "outage", "flash_crowd")
+SCENARIOS = (*SYNTHETIC_SCENARIOS, "trace", "mix")
 
 DEMAND_NOISE_SIGMA = 0.1
 FADING_SIGMA = 0.25
@@ -43,10 +55,30 @@ DIURNAL_PHASE = {"embb": 0.0, "urllc": 0.08, "mmtc": 0.5}  # fraction of a day; 
 BURST_ON, BURST_OFF, BURST_P_ON, BURST_P_OFF = 1.7, 0.65, 0.1, 0.15
 OUTAGE_FACTOR = 0.35
 FLASH_PEAK = 3.0
+MIX_SCENARIOS = SYNTHETIC_SCENARIOS  # what a `mix` cell draws from
+MIX_PROBABILITIES = (0.2, 0.2, 0.2, 0.2, 0.2)  # one per MIX_SCENARIOS entry
+MIX_LOAD_RANGE = (0.6, 1.4)  # uniform cell load factor, one per env
+MIX_SLICE_LOAD_RANGE = (0.8, 1.2)  # uniform slice load factor, one per env and slice
+MIX_OUTAGE_PROBABILITY = 0.3  # channel loss window in cells whose scenario is not `outage`
 
 
 class ScenarioError(ValueError):
     """An unknown scenario or a malformed trace; the message names the field and the rule."""
+
+
+@dataclass(frozen=True)
+class MixDraw:
+    """What the `mix` scenario drew for each env: ``scenario`` ``(num_envs,)`` int indices into
+    :data:`MIX_SCENARIOS`, ``load`` ``(num_envs,)`` cell factors, ``slice_load``
+    ``(num_envs, num_slices)`` factors, ``outage`` ``(num_envs,)`` bool (a channel loss window)."""
+
+    scenario: np.ndarray
+    load: np.ndarray
+    slice_load: np.ndarray
+    outage: np.ndarray
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(MIX_SCENARIOS[i] for i in self.scenario)
 
 
 @dataclass(frozen=True)
@@ -81,6 +113,16 @@ def generate(
         if trace is None:
             raise ScenarioError("trace_path: the 'trace' scenario needs a trace CSV file")
         demand = _replay(trace, rng, num_envs, horizon)
+    elif scenario == "mix":
+        draw = mix_draws(rng, num_envs, len(kinds))
+        multiplier = np.empty(shape)
+        for i, name in enumerate(MIX_SCENARIOS):
+            envs = np.flatnonzero(draw.scenario == i)
+            if envs.size:
+                multiplier[envs] = _MULTIPLIERS[name](rng, (envs.size, *shape[1:]), kinds)
+        multiplier *= (draw.load[:, None] * draw.slice_load)[:, None, :]
+        noise = rng.lognormal(-0.5 * DEMAND_NOISE_SIGMA**2, DEMAND_NOISE_SIGMA, size=shape)
+        demand = mean_demand * multiplier * noise
     else:
         multiplier = _MULTIPLIERS[scenario](rng, shape, kinds)
         noise = rng.lognormal(-0.5 * DEMAND_NOISE_SIGMA**2, DEMAND_NOISE_SIGMA, size=shape)
@@ -88,12 +130,32 @@ def generate(
     fading = _ar1_lognormal(rng, shape, FADING_SIGMA, FADING_CORRELATION)
     se = mean_spectral_efficiency * fading
     if scenario == "outage":
-        start = rng.integers(0, max(1, horizon - horizon // 8), size=num_envs)
-        t = np.arange(horizon)
-        window = (t >= start[:, None]) & (t < start[:, None] + max(1, horizon // 8))
+        se = np.where(_outage_window(rng, num_envs, horizon)[:, :, None], se * OUTAGE_FACTOR, se)
+    elif scenario == "mix":
+        window = _outage_window(rng, num_envs, horizon) & draw.outage[:, None]
         se = np.where(window[:, :, None], se * OUTAGE_FACTOR, se)
     se = np.clip(se, *SPECTRAL_EFFICIENCY_RANGE)
     return Traffic(demand=demand, spectral_efficiency=se)
+
+
+def mix_draws(rng: np.random.Generator, num_envs: int, num_slices: int) -> MixDraw:
+    """The per-env draws of the `mix` scenario (see the module docstring), in the order
+    :func:`generate` takes them from ``rng``."""
+    scenario = rng.choice(len(MIX_SCENARIOS), size=num_envs, p=MIX_PROBABILITIES)
+    load = rng.uniform(*MIX_LOAD_RANGE, size=num_envs)
+    slice_load = rng.uniform(*MIX_SLICE_LOAD_RANGE, size=(num_envs, num_slices))
+    outage = (scenario == MIX_SCENARIOS.index("outage")) | (
+        rng.random(num_envs) < MIX_OUTAGE_PROBABILITY
+    )
+    return MixDraw(scenario=scenario, load=load, slice_load=slice_load, outage=outage)
+
+
+def _outage_window(rng, num_envs, horizon):
+    """``(num_envs, horizon)`` bool: one window of T/8 intervals at a uniform start per env."""
+    length = max(1, horizon // 8)
+    start = rng.integers(0, max(1, horizon - horizon // 8), size=num_envs)
+    t = np.arange(horizon)
+    return (t >= start[:, None]) & (t < start[:, None] + length)
 
 
 def _steady(rng, shape, kinds):
