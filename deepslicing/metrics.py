@@ -13,6 +13,8 @@ per unit of cost (cost 1 = one slice-interval in SLA violation).
 | `sla_violation_rate`        | share of recent (interval, slice) pairs in SLA violation                 |
 | `episode_cost/<slice>`      | this iteration's mean per-interval cost (violation rate) of one slice    |
 | `multiplier/<slice>`        | the Lagrange multiplier of a slice's SLA after this iteration's update   |
+| `cost_budget/<slice>`       | the slice's allowed violation rate (its kind's budget)                   |
+| `budget_unreachable/<slice>`| 1 when the multiplier sits at its cap and the slice is still over budget |
 | `capacity_violations`       | allocations this iteration that broke sum <= 1 or share >= 0 (must be 0) |
 | `env_steps_per_s`           | env steps (one cell, one interval) per wall-clock second, sampling and learning together |
 | `admm_primal_residual_mean` | mean over steps of the ADMM primal residual ||x - z|| (0 with projection) |
@@ -37,6 +39,8 @@ UTILITY_MEAN = "utility_mean"
 SLA_VIOLATION_RATE = "sla_violation_rate"
 EPISODE_COST = "episode_cost"  # per slice: f"{EPISODE_COST}/{slice}"
 MULTIPLIER = "multiplier"  # per slice: f"{MULTIPLIER}/{slice}"
+COST_BUDGET = "cost_budget"  # per slice
+BUDGET_UNREACHABLE = "budget_unreachable"  # per slice
 CAPACITY_VIOLATIONS = "capacity_violations"
 ENV_STEPS_PER_S = "env_steps_per_s"
 ADMM_PRIMAL_RESIDUAL_MEAN = "admm_primal_residual_mean"

@@ -43,6 +43,7 @@ from deepslicing import metrics
 from deepslicing.config import ConfigError, check_int, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
+from policies.constraints import DEFAULT_COST_BUDGET, check_budget
 from policies.maddpg import VARIANTS, MADDPGConfig
 
 # RLlib warns once per process that an algorithm runs on the new API stack; ours only does.
@@ -53,7 +54,20 @@ PROGRESS_FILE = "progress.csv"
 CHECKPOINTS = "checkpoints"
 EXIT_TRACKING_FAILED = 3
 # settings that change the networks' shapes: a checkpoint only fits a run that agrees on them
-SHAPE_KEYS = ("share_parameters_by_kind", "actor_hiddens", "critic_hiddens")
+SHAPE_KEYS = ("actor_hiddens", "critic_hiddens")
+TRAINING_SCENARIO = "mix"  # the default: every synthetic scenario, random load and outages
+
+
+@dataclass(frozen=True)
+class CostBudgets:
+    """Allowed SLA violation rate per slice kind, each in [0, 1]."""
+
+    embb: float = option(DEFAULT_COST_BUDGET, "eMBB slices' allowed violation rate")
+    urllc: float = option(DEFAULT_COST_BUDGET, "URLLC slices' allowed violation rate")
+    mmtc: float = option(DEFAULT_COST_BUDGET, "mMTC slices' allowed violation rate")
+
+    def __post_init__(self) -> None:
+        check_budget(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -90,9 +104,6 @@ class MaddpgSettings:
         _DEFAULTS.num_steps_sampled_before_learning_starts,
         "env steps of random requests before the first update",
     )
-    share_parameters_by_kind: bool = option(
-        _DEFAULTS.share_parameters_by_kind, "slices of the same kind share one actor"
-    )
     actor_hiddens: tuple[int, ...] = option(
         tuple(_DEFAULTS.actor_hiddens), "hidden layer sizes of each actor"
     )
@@ -101,8 +112,9 @@ class MaddpgSettings:
     )
     admm_rho: float = option(_DEFAULTS.admm_rho, "ADMM penalty rho (admm and both variants)")
     admm_iterations: int = option(_DEFAULTS.admm_iterations, "ADMM iterations per decision")
-    cost_budget: float = option(
-        _DEFAULTS.cost_budget, "allowed SLA violation rate per slice, in [0, 1]"
+    cost_budget: CostBudgets = option(
+        CostBudgets(),
+        "allowed SLA violation rate of each slice kind (the Lagrange multipliers keep it)",
     )
     multiplier_lr: float = option(
         _DEFAULTS.multiplier_lr, "dual ascent step of the Lagrange multipliers per iteration"
@@ -138,8 +150,11 @@ class TrainConfig:
     experiment: str = option("deepslicing", "MLflow experiment name")
     num_cpus: int = option(2, "CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
     env: SlicingConfig = dataclasses.field(
-        default_factory=SlicingConfig,
-        metadata={"help": "cell, slices and traffic scenario (set with --set env.KEY=VALUE)"},
+        default_factory=lambda: SlicingConfig(scenario=TRAINING_SCENARIO),
+        metadata={
+            "help": "cell, slices and traffic scenario (set with --set env.KEY=VALUE); "
+            "training defaults to the 'mix' scenario"
+        },
     )
     maddpg: MaddpgSettings = dataclasses.field(
         default_factory=MaddpgSettings,
@@ -200,12 +215,11 @@ def algorithm_config(config: TrainConfig) -> MADDPGConfig:
             request_penalty=m.request_penalty,
             replay_capacity=m.replay_capacity,
             num_steps_sampled_before_learning_starts=m.learning_starts,
-            share_parameters_by_kind=m.share_parameters_by_kind,
             actor_hiddens=m.actor_hiddens,
             critic_hiddens=m.critic_hiddens,
             admm_rho=m.admm_rho,
             admm_iterations=m.admm_iterations,
-            cost_budget=m.cost_budget,
+            cost_budget=dataclasses.asdict(m.cost_budget),
             multiplier_lr=m.multiplier_lr,
         )
         .env_runners(
@@ -294,10 +308,12 @@ def progress_line(iteration: int, total: int, summary: dict[str, float], slices,
     def fmt(value: float, spec: str) -> str:
         return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
-    multipliers = " ".join(
-        f"{name} {fmt(summary.get(metrics.per_slice(metrics.MULTIPLIER, name)), '.2f')}"
-        for name in slices
-    )
+    def multiplier(name: str) -> str:
+        value = fmt(summary.get(metrics.per_slice(metrics.MULTIPLIER, name)), ".2f")
+        stuck = summary.get(metrics.per_slice(metrics.BUDGET_UNREACHABLE, name))
+        return f"{name} {value}" + (" (budget not reachable)" if stuck else "")
+
+    multipliers = " ".join(multiplier(name) for name in slices)
     return (
         f"iter {iteration:>4}/{total}  "
         f"return {fmt(summary.get(metrics.EPISODE_RETURN_MEAN), '8.2f')}  "
@@ -424,12 +440,13 @@ def train_loop(config: TrainConfig, state: dict[str, Any] | None, tracker) -> Pa
 
 
 def final_evaluation(config: TrainConfig, checkpoint: Path, tracker) -> None:
-    """The trained policy beside equal and proportional on the training scenario."""
+    """The trained policy beside equal and proportional on the training scenario (on every
+    synthetic scenario when it trained on the mix)."""
     from deepslicing.evaluation import EvaluateConfig, evaluate_pairs, format_table, write_outputs
 
     eval_config = EvaluateConfig(
         policy=("equal", "proportional", str(checkpoint)),
-        scenario=(config.env.scenario,),
+        scenario=("all",) if config.env.scenario == "mix" else (config.env.scenario,),
         episodes=config.eval_episodes,
         seed=config.seed + 10_000,  # traffic the training never saw
         out=str(Path(config.run_dir) / "eval"),

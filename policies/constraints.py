@@ -1,40 +1,82 @@
 """SLA constraints for MADDPG: Lagrange multipliers adapted by dual ascent, in an RLlib callback.
 
 Each slice i has an SLA cost c_i (1 for an interval in violation, see :mod:`deepslicing.model`)
-and a budget b (``cost_budget``, an allowed violation rate). MADDPG maximises
-sum_t r_i - lambda_i c_i; after every training iteration the multiplier follows dual ascent on the
-constraint mean_t c_i <= b (Boyd and Vandenberghe 2004, section 5; as in constrained RL,
-Tessler et al. 2019):
+and a budget b_i (``cost_budget``: one allowed violation rate for every slice, or one per slice
+kind, e.g. ``{"urllc": 0.02}`` with the other kinds at :data:`DEFAULT_COST_BUDGET`). MADDPG
+maximises sum_t r_i - lambda_i c_i; after every training iteration the multiplier follows dual
+ascent on the constraint mean_t c_i <= b_i (Boyd and Vandenberghe 2004, section 5; as in
+constrained RL, Tessler et al. 2019):
 
-    lambda_i <- clip(lambda_i + multiplier_lr * (C_i - b), 0, multiplier_max)
+    lambda_i <- clip(lambda_i + multiplier_lr * (C_i - b_i), 0, multiplier_max)
 
 where C_i is the slice's mean per-interval cost over the episodes that ended this iteration. The
 multipliers live in the learner (its state, like SAC's temperature), so they are applied to
 replayed raw costs at learning time and are saved and restored with every algorithm checkpoint.
 The upper bound (projected dual ascent onto a box) keeps a budget no policy can meet from
-growing a multiplier without limit. Iterations that ended no episode leave them unchanged. Variants without multipliers
-(``unconstrained``, ``admm``) keep them at 0.
+growing a multiplier without limit; a multiplier at its cap while its slice is still over budget is
+reported, not hidden: ``budget_unreachable/<slice>`` is 1 in the result (and the training progress
+says so), since then no policy the multiplier can buy keeps that budget - typically one below the
+violation rate even the per-interval oracle has. Iterations that ended no episode leave the
+multipliers unchanged. Variants without multipliers (``unconstrained``, ``admm``) keep them at 0.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_EPISODES
 
 from deepslicing import metrics
+from deepslicing.slices import KINDS
+
+DEFAULT_COST_BUDGET = 0.25
+CostBudget = float | Mapping[str, float]
+
+
+def slice_budgets(budget: CostBudget, kinds: Sequence[str]) -> np.ndarray:
+    """Per slice, its allowed violation rate: ``budget`` itself, or its kind's entry (kinds not
+    named take :data:`DEFAULT_COST_BUDGET`)."""
+    if isinstance(budget, Mapping):
+        return np.array([float(budget.get(k, DEFAULT_COST_BUDGET)) for k in kinds])
+    return np.full(len(kinds), float(budget))
+
+
+def check_budget(budget: object) -> None:
+    """Raises ValueError naming the bad entry: a number in [0, 1], or a map kind -> number."""
+    entries = budget.items() if isinstance(budget, Mapping) else [(None, budget)]
+    for kind, value in entries:
+        key = "cost_budget" if kind is None else f"cost_budget.{kind}"
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"{key}: must be one of the slice kinds {KINDS}")
+        if value is None and kind is not None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (0.0 <= value <= 1.0)
+        ):
+            raise ValueError(f"{key}: must be a violation rate in [0, 1], got {value!r}")
 
 
 def dual_ascent(
     multipliers: np.ndarray,
     episode_cost: np.ndarray,
-    budget: float,
+    budget: float | np.ndarray,
     step_size: float,
     upper: float = np.inf,
 ) -> np.ndarray:
     """One projected dual ascent step: clip(lambda + step_size * (cost - budget), 0, upper)."""
     step = np.asarray(multipliers) + step_size * (np.asarray(episode_cost) - budget)
     return np.clip(step, 0.0, upper)
+
+
+def unreachable(
+    multipliers: np.ndarray, episode_cost: np.ndarray, budget: np.ndarray, upper: float
+) -> np.ndarray:
+    """Per slice: is its multiplier at the cap while its cost is still above budget?"""
+    return (np.asarray(multipliers) >= upper) & (np.asarray(episode_cost) > budget)
 
 
 class ConstraintCallback(RLlibCallback):
@@ -48,12 +90,17 @@ class ConstraintCallback(RLlibCallback):
         costs = runners.get(metrics.EPISODE_COST, {})
         ended = runners.get(NUM_EPISODES, 0)
         names = algorithm.slice_names
+        budget = slice_budgets(config.cost_budget, algorithm.slice_kinds)
+        stuck = np.zeros(len(names), dtype=bool)
         if config.uses_multipliers and ended and all(n in costs for n in names):
             cost = np.array([float(costs[n]) for n in names])
             multipliers = dual_ascent(
-                multipliers, cost, config.cost_budget, config.multiplier_lr, config.multiplier_max
+                multipliers, cost, budget, config.multiplier_lr, config.multiplier_max
             )
             algorithm.set_multipliers(multipliers)
+            stuck = unreachable(multipliers, cost, budget, config.multiplier_max)
         section = result.setdefault(metrics.SECTION, {})
-        for name, value in zip(names, multipliers, strict=True):
+        for name, value, b, s in zip(names, multipliers, budget, stuck, strict=True):
             section[metrics.per_slice(metrics.MULTIPLIER, name)] = float(value)
+            section[metrics.per_slice(metrics.COST_BUDGET, name)] = float(b)
+            section[metrics.per_slice(metrics.BUDGET_UNREACHABLE, name)] = float(s)

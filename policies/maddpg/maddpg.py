@@ -75,7 +75,12 @@ from deepslicing import metrics
 from deepslicing.config import ConfigError
 from deepslicing.coordinator import DEFAULT_ITERATIONS, DEFAULT_RHO, check_admm
 from envs.rllib_env import SlicingMultiAgentEnv
-from policies.constraints import ConstraintCallback
+from policies.constraints import (
+    DEFAULT_COST_BUDGET,
+    ConstraintCallback,
+    CostBudget,
+    check_budget,
+)
 from policies.maddpg.env_runner import MADDPGEnvRunner, slicing_config
 from policies.maddpg.replay import SynchronizedReplay
 
@@ -102,13 +107,12 @@ class MADDPGConfig(AlgorithmConfig):
         self.request_penalty = 0.5
         self.replay_capacity = 100_000
         self.num_steps_sampled_before_learning_starts = 3_200
-        self.share_parameters_by_kind = False
         self.actor_hiddens = (64, 64)
         self.critic_hiddens = (64, 64)
         self.variant = "both"
         self.admm_rho = DEFAULT_RHO
         self.admm_iterations = DEFAULT_ITERATIONS
-        self.cost_budget = 0.25
+        self.cost_budget: CostBudget = DEFAULT_COST_BUDGET
         self.multiplier_lr = 0.05
         self.multiplier_max = 1.0
         self.torch_num_threads = 1
@@ -137,13 +141,12 @@ class MADDPGConfig(AlgorithmConfig):
         request_penalty: float = NotProvided,
         replay_capacity: int = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
-        share_parameters_by_kind: bool = NotProvided,
         actor_hiddens: Sequence[int] = NotProvided,
         critic_hiddens: Sequence[int] = NotProvided,
         variant: str = NotProvided,
         admm_rho: float = NotProvided,
         admm_iterations: int = NotProvided,
-        cost_budget: float = NotProvided,
+        cost_budget: CostBudget = NotProvided,
         multiplier_lr: float = NotProvided,
         multiplier_max: float = NotProvided,
         torch_num_threads: int | None = NotProvided,
@@ -167,15 +170,14 @@ class MADDPGConfig(AlgorithmConfig):
             replay_capacity: joint transitions kept, >= train_batch_size_per_learner.
             num_steps_sampled_before_learning_starts: env steps of uniform random requests
                 before the first update.
-            share_parameters_by_kind: slices of the same kind (embb, urllc, mmtc) share one
-                actor network; critics stay per slice.
             actor_hiddens: hidden layer sizes of each actor MLP.
             critic_hiddens: hidden layer sizes of each critic MLP.
             variant: "unconstrained", "lagrangian", "admm" or "both" (see the module docstring).
             admm_rho: ADMM penalty rho (> 0) for the "admm" and "both" variants.
             admm_iterations: ADMM iterations (1..10000).
             cost_budget: allowed per-interval SLA cost of each slice (its violation rate), in
-                [0, 1]; dual ascent raises a multiplier while the slice's cost is above it.
+                [0, 1], or a map kind -> rate (kinds not named take 0.25); dual ascent raises a
+                slice's multiplier while its cost is above its budget.
             multiplier_lr: dual ascent step size per iteration, >= 0.
             multiplier_max: upper bound of every multiplier (projected dual ascent onto
                 [0, multiplier_max]), > 0; keeps an unreachable budget from swamping the rewards.
@@ -193,7 +195,6 @@ class MADDPGConfig(AlgorithmConfig):
             "request_penalty": request_penalty,
             "replay_capacity": replay_capacity,
             "num_steps_sampled_before_learning_starts": num_steps_sampled_before_learning_starts,
-            "share_parameters_by_kind": share_parameters_by_kind,
             "actor_hiddens": actor_hiddens,
             "critic_hiddens": critic_hiddens,
             "variant": variant,
@@ -227,7 +228,7 @@ class MADDPGConfig(AlgorithmConfig):
         _number_in("request_penalty", self.request_penalty, 0.0, 1e6)
         if not isinstance(self.cooperative, bool):
             _fail("cooperative", f"must be true or false, got {self.cooperative!r}")
-        _number_in("cost_budget", self.cost_budget, 0.0, 1.0)
+        check_budget(self.cost_budget)
         _number_in("multiplier_lr", self.multiplier_lr, 0.0, 1e6)
         _positive("multiplier_max", self.multiplier_max)
         _integer("train_batch_size_per_learner", self.train_batch_size_per_learner, 1)
@@ -245,11 +246,6 @@ class MADDPGConfig(AlgorithmConfig):
                 _fail(name, f"must be a non-empty list of layer sizes, got {sizes!r}")
             for size in sizes:
                 _integer(name, size, 1)
-        if not isinstance(self.share_parameters_by_kind, bool):
-            _fail(
-                "share_parameters_by_kind",
-                f"must be true or false, got {self.share_parameters_by_kind!r}",
-            )
         if self.variant not in VARIANTS:
             _fail("variant", f"must be one of {VARIANTS}, got {self.variant!r}")
         try:
@@ -297,26 +293,17 @@ class MADDPGConfig(AlgorithmConfig):
         )
 
     def maddpg_model_config(self) -> dict[str, Any]:
-        kinds = slicing_config(self).resolved_slices()
+        specs = slicing_config(self).resolved_slices()
         return {
             "actor_hiddens": list(self.actor_hiddens),
             "critic_hiddens": list(self.critic_hiddens),
-            "actor_groups": actor_groups([s.kind for s in kinds], self.share_parameters_by_kind),
+            "slice_kinds": [s.kind for s in specs],
         }
 
     def get_default_learner_class(self):
         from policies.maddpg.torch.maddpg_torch_learner import MADDPGTorchLearner
 
         return MADDPGTorchLearner
-
-
-def actor_groups(kinds: Sequence[str], share_by_kind: bool) -> list[int]:
-    """Per slice, the index of its actor's parameter set: one per kind (in order of first
-    appearance) when sharing, else one per slice."""
-    if not share_by_kind:
-        return list(range(len(kinds)))
-    first = list(dict.fromkeys(kinds))
-    return [first.index(k) for k in kinds]
 
 
 class MADDPG(Algorithm):
@@ -338,7 +325,9 @@ class MADDPG(Algorithm):
         self.replay = SynchronizedReplay(
             self.config.replay_capacity, num_slices, num_features, seed=self.config.seed
         )
-        self.slice_names = tuple(s.name for s in slicing_config(self.config).resolved_slices())
+        specs = slicing_config(self.config).resolved_slices()
+        self.slice_names = tuple(s.name for s in specs)
+        self.slice_kinds = tuple(s.kind for s in specs)
         self._update_credit = 0.0
 
     def training_step(self) -> None:

@@ -1,29 +1,41 @@
-"""MADDPG networks as one RLlib ``TorchRLModule``: per-slice actors, per-slice centralised critics.
+"""MADDPG networks as one RLlib ``TorchRLModule``: actors shared by slice kind, one critic that is
+invariant to the number and order of slices.
 
-Spaces (``S`` slices, ``F`` = 6 features, see :mod:`deepslicing.model`):
+Spaces (``S`` slices, ``F`` = 12 features, see :mod:`deepslicing.model`):
 
 - observation ``Box(0, high, (S, F))``: every slice's own feature vector, stacked;
 - action ``Box(0, 1, (S,))``: every slice's requested share.
 
-Networks, each a stack of small MLPs evaluated for all slices at once (one batched matmul per
-layer, :class:`StackedMLP`), so the cost of a forward pass hardly grows with ``S``:
+No weight depends on ``S``: one module's state loads into a module built for any number of slices
+of known kinds (``model_config["slice_kinds"]``), which is how a policy trained on 3 slices runs
+on 1..20 in evaluation, export and serving.
 
-- ``actor``: mu_i(o_i) = sigmoid(MLP_i(o_i)), slice i's request from its OWN observation only
-  (decentralised execution). With ``actor_groups`` slices of the same kind share one MLP.
-- ``critic`` (learner only): Q_i(o_1..o_S, a_1..a_S), one MLP per slice over all observations and
-  all actions (centralised training; Lowe et al. 2017, arXiv:1706.02275, section 4.1).
-- ``target_actor``, ``target_critic`` (learner only): Polyak-averaged copies.
+**Actor inputs** (:func:`actor_inputs`, ``K`` = 10 per slice, scale-free so that a slice with a
+tenth of the cell reads like one with half of it): with f = max(need_forecast, 1e-3),
+log(need / f), log(previous_need / f), forecast_error / f, log(allocated / f), satisfaction,
+demand_ratio, spectral_efficiency, time_sin, time_cos and min(5, capacity_price x f) (above 1: the
+coordinator would not serve a request of f in full). Standardised per kind, (x - shift) * scale,
+with statistics the learner fits once from the warm-up data; they are buffers, so they travel with
+the actor weights.
 
-Observations are standardised per slice and feature, (o - shift) * scale, with statistics the
-learner sets once from the warm-up data (``set_obs_normalizer``); they are buffers of the module,
-so they travel with the actor weights.
+**Actor** (decentralised; one MLP per kind in :data:`deepslicing.slices.KINDS`, shared by every
+slice of that kind): a multiplicative correction of the slice's own forecast,
+``request = min(1, f x exp(HEADROOM_LOG_RANGE x tanh(MLP_kind(input))))``, so an untrained actor
+requests about its forecast and training learns the headroom (down to f / 2, up to 2 f) that the
+utility and the SLA multipliers reward, per kind and per situation (forecast error, overload, time).
+
+**Critic** (learner only), deep sets over slices (Zaheer et al. 2017, arXiv:1703.06114), the
+permutation-invariant form of MADDPG's centralised critic: per slice j, e_j = phi([x_j, log(a_j / f_j),
+a_j, f_j, onehot(kind_j)]) with x_j the standardised actor input and a_j the action; the cell
+summary is mean_j e_j with the totals sum_j a_j and sum_j f_j (whether the cell is overloaded);
+Q_i = psi([e_i, mean_j e_j, sum_j a_j, sum_j f_j]). phi and psi are MLPs shared by all slices.
+Target copies of actors and critic are Polyak-averaged by the learner.
 
 The inference-only module (``inference_only=True``: env runners, export, serving) is built without
 the critic and target networks, so it holds actor weights only.
 
 ``model_config`` keys: ``actor_hiddens`` (default (64, 64)), ``critic_hiddens`` (default
-(128, 128)), ``actor_groups`` (per slice, the index of its actor's parameter set; default one set
-per slice).
+(128, 128)), ``slice_kinds`` (the kind of each slice; default the kinds cycling embb, urllc, mmtc).
 """
 
 from __future__ import annotations
@@ -39,26 +51,68 @@ from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from torch import nn
 
+from deepslicing.model import FEATURES
+from deepslicing.slices import KINDS
+
 DEFAULT_ACTOR_HIDDENS = (64, 64)
 DEFAULT_CRITIC_HIDDENS = (128, 128)
-MIN_OBS_STD = 0.01  # floor of the standardisation's std, in feature units
+MIN_INPUT_STD = 0.01  # floor of the standardisation's std
+MIN_FORECAST = 1e-3  # share; keeps the scale-free inputs finite for a slice that needs nothing
+HEADROOM_LOG_RANGE = math.log(2.0)  # the actor's request is within [f / 2, 2 f]
 CRITIC_ONLY = ("critic", "target_critic", "target_actor")
+NUM_ACTOR_INPUTS = 10
+_F = {name: i for i, name in enumerate(FEATURES)}
+
+
+def actor_inputs(obs: torch.Tensor) -> torch.Tensor:
+    """Scale-free actor inputs ``(..., S, 10)`` from raw observations ``(..., S, 12)``."""
+    f = obs[..., _F["need_forecast"]].clamp(min=MIN_FORECAST)
+
+    def log_ratio(name: str) -> torch.Tensor:
+        return torch.log((obs[..., _F[name]] + MIN_FORECAST) / f).clamp(-5.0, 5.0)
+
+    return torch.stack(
+        (
+            log_ratio("needed_share"),
+            log_ratio("previous_need"),
+            (obs[..., _F["forecast_error"]] / f).clamp(max=5.0),
+            log_ratio("allocated_share"),
+            obs[..., _F["satisfaction"]],
+            obs[..., _F["demand_ratio"]],
+            obs[..., _F["spectral_efficiency"]],
+            obs[..., _F["time_sin"]],
+            obs[..., _F["time_cos"]],
+            (obs[..., _F["capacity_price"]] * f).clamp(max=5.0),
+        ),
+        dim=-1,
+    )
+
+
+def forecast_share(obs: torch.Tensor) -> torch.Tensor:
+    """The slice's own forecast of its next needed share, ``(..., S)``, at least 1e-3."""
+    return obs[..., _F["need_forecast"]].clamp(min=MIN_FORECAST)
+
+
+def kind_indices(kinds: Sequence[str]) -> list[int]:
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"slice_kinds: must be among {KINDS}, got {unknown}")
+    return [KINDS.index(k) for k in kinds]
 
 
 class StackedMLP(nn.Module):
-    """``len(groups)`` ReLU MLPs applied side by side: input ``(A, N, in)`` -> ``(A, N, out)``.
+    """``num_groups`` ReLU MLPs applied side by side: input ``(A, N, in)`` -> ``(A, N, out)``.
 
-    Agent ``a`` uses parameter set ``groups[a]``; agents with the same group share weights (their
+    Agent ``a`` uses parameter set ``groups[a]``; agents of the same group share weights (their
     gradients add up). Weights are ``(G, in, out)`` tensors, so a layer is one ``baddbmm`` for all
-    agents instead of a Python loop over them.
+    agents instead of a Python loop over them, and no weight depends on the number of agents.
     """
 
-    def __init__(self, sizes: Sequence[int], groups: Sequence[int]):
+    def __init__(self, sizes: Sequence[int], num_groups: int, groups: Sequence[int]):
         super().__init__()
         groups = [int(g) for g in groups]
-        num_groups = max(groups) + 1
-        if sorted(set(groups)) != list(range(num_groups)):
-            raise ValueError(f"actor_groups: must number groups 0..G-1 without gaps, got {groups}")
+        if any(not 0 <= g < num_groups for g in groups):
+            raise ValueError(f"groups: must be in 0..{num_groups - 1}, got {groups}")
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
@@ -67,49 +121,87 @@ class StackedMLP(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(num_groups, 1, fan_out)))
             nn.init.uniform_(self.weights[-1], -bound, bound)
             nn.init.uniform_(self.biases[-1], -bound, bound)
-        self.shared = num_groups < len(groups)
         self.register_buffer("groups", torch.tensor(groups, dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        """``frozen``: use detached weights, so gradients reach the input but not the weights."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.weights) - 1
         for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            if self.shared:
-                w, b = w[self.groups], b[self.groups]
-            if frozen:
-                w, b = w.detach(), b.detach()
-            x = torch.baddbmm(b, x, w)
+            x = torch.baddbmm(b[self.groups], x, w[self.groups])
             if k < last:
                 x = torch.relu(x)
         return x
 
 
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if k < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class SetCritic(nn.Module):
+    """Q_i for every slice from every slice's input and action, invariant to their number and
+    order (see the module docstring)."""
+
+    def __init__(self, hiddens: Sequence[int]):
+        super().__init__()
+        slice_in = NUM_ACTOR_INPUTS + 3 + len(KINDS)
+        width = hiddens[-1]
+        self.phi = mlp((slice_in, *hiddens))
+        self.psi = mlp((2 * width + 2, *hiddens, 1))
+
+    def forward(
+        self, inputs: torch.Tensor, actions: torch.Tensor, forecast: torch.Tensor, kinds: torch.Tensor
+    ) -> torch.Tensor:
+        """``inputs (N, S, K)`` standardised, ``actions``/``forecast`` ``(N, S)``, ``kinds``
+        one-hot ``(S, len(KINDS))`` -> ``(N, S)``."""
+        ratio = torch.log((actions + MIN_FORECAST) / forecast).clamp(-5.0, 5.0)
+        per_slice = torch.cat(
+            (
+                inputs,
+                ratio.unsqueeze(-1),
+                actions.unsqueeze(-1),
+                forecast.unsqueeze(-1),
+                kinds.expand(*actions.shape, -1),
+            ),
+            dim=-1,
+        )
+        e = torch.relu(self.phi(per_slice))
+        totals = torch.stack((actions.sum(-1), forecast.sum(-1)), dim=-1)
+        cell = torch.cat((e.mean(dim=-2), totals), dim=-1)
+        joint = torch.cat((e, cell.unsqueeze(-2).expand(*e.shape[:-1], -1)), dim=-1)
+        return self.psi(joint).squeeze(-1)
+
+
 class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
-    """Decentralised deterministic actors and centralised critics for ``S`` slices."""
+    """Kind-shared decentralised deterministic actors and a slice-set critic for ``S`` slices."""
 
     def setup(self) -> None:
-        num_slices, num_features = self.observation_space.shape
+        num_slices, _ = self.observation_space.shape
         config = self.model_config or {}
         actor_hiddens = tuple(config.get("actor_hiddens") or DEFAULT_ACTOR_HIDDENS)
         critic_hiddens = tuple(config.get("critic_hiddens") or DEFAULT_CRITIC_HIDDENS)
-        actor_groups = config.get("actor_groups") or list(range(num_slices))
-        if len(actor_groups) != num_slices:
+        slice_kinds = list(
+            config.get("slice_kinds") or [KINDS[i % len(KINDS)] for i in range(num_slices)]
+        )
+        if len(slice_kinds) != num_slices:
             raise ValueError(
-                f"actor_groups: needs one group per slice ({num_slices}), got {actor_groups}"
+                f"slice_kinds: needs one kind per slice ({num_slices}), got {slice_kinds}"
             )
+        kind = torch.tensor(kind_indices(slice_kinds), dtype=torch.long)
         self.num_slices = num_slices
-        # observation standardisation (x - shift) * scale, set once from the warm-up data and
+        self.slice_kinds = tuple(slice_kinds)
+        self.register_buffer("kind", kind, persistent=False)
+        self.register_buffer("kind_onehot", nn.functional.one_hot(kind, len(KINDS)).float(), False)
+        # standardisation of the actor inputs per kind, fitted once from the warm-up data and
         # saved with the weights, so actors on env runners and in exports normalise the same way
-        self.register_buffer("obs_shift", torch.zeros(num_slices, num_features))
-        self.register_buffer("obs_scale", torch.ones(num_slices, num_features))
-        self.actor = StackedMLP((num_features, *actor_hiddens, 1), actor_groups)
+        self.register_buffer("input_shift", torch.zeros(len(KINDS), NUM_ACTOR_INPUTS))
+        self.register_buffer("input_scale", torch.ones(len(KINDS), NUM_ACTOR_INPUTS))
+        self.actor = StackedMLP((NUM_ACTOR_INPUTS, *actor_hiddens, 1), len(KINDS), kind.tolist())
         if not self.inference_only:
-            critic_in = num_slices * num_features + num_slices
-            self.critic = StackedMLP((critic_in, *critic_hiddens, 1), range(num_slices))
-            # slice i's critic sees slice i's action replaced by its actor's (actor loss)
-            self.register_buffer(
-                "own", torch.eye(num_slices, dtype=torch.bool)[:, None, :], persistent=False
-            )
+            self.critic = SetCritic(critic_hiddens)
 
     def make_target_networks(self) -> None:
         self.target_actor = make_target_network(self.actor)
@@ -119,7 +211,7 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         return [(self.actor, self.target_actor), (self.critic, self.target_critic)]
 
     def forward_target(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        """Target actor's actions and target critics' values at ``batch["obs"]``."""
+        """Target actor's actions and target critic's values at ``batch["obs"]``."""
         obs = batch[Columns.OBS]
         actions = self.act(obs, target=True)
         return {Columns.ACTIONS: actions, "q_target": self.q_values(obs, actions, target=True)}
@@ -127,41 +219,43 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     def get_non_inference_attributes(self) -> list[str]:
         return list(CRITIC_ONLY)
 
-    def set_obs_normalizer(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Standardise observations with these per-slice, per-feature statistics ``(S, F)``."""
-        self.obs_shift.copy_(mean)
-        self.obs_scale.copy_(1.0 / std.clamp(min=MIN_OBS_STD))
+    def fit_normalizer(self, obs: torch.Tensor) -> None:
+        """Standardise the actor inputs per kind with statistics of raw observations ``(N, S, F)``
+        of this module's slices; kinds absent from ``obs`` keep (0, 1)."""
+        inputs = actor_inputs(obs)
+        for k in range(len(KINDS)):
+            mine = inputs[:, self.kind == k].reshape(-1, NUM_ACTOR_INPUTS)
+            if len(mine) > 1:
+                self.input_shift[k] = mine.mean(dim=0)
+                self.input_scale[k] = 1.0 / mine.std(dim=0).clamp(min=MIN_INPUT_STD)
 
-    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_shift) * self.obs_scale
+    def normalized_inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Standardised actor inputs ``(N, S, K)``."""
+        return (actor_inputs(obs) - self.input_shift[self.kind]) * self.input_scale[self.kind]
 
     def act(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
         """Requested shares ``(N, S)`` in [0, 1] from observations ``(N, S, F)``."""
         net = self.target_actor if target else self.actor
-        return torch.sigmoid(net(self.normalize(obs).transpose(0, 1))).squeeze(-1).T
+        correction = torch.tanh(net(self.normalized_inputs(obs).transpose(0, 1))).squeeze(-1).T
+        return (forecast_share(obs) * torch.exp(HEADROOM_LOG_RANGE * correction)).clamp(max=1.0)
 
-    def q_values(
-        self,
-        obs: torch.Tensor,
-        actions: torch.Tensor,
-        target: bool = False,
-        frozen: bool = False,
-    ) -> torch.Tensor:
+    def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
         """Q_i for every slice, ``(N, S)``.
 
-        ``actions`` is ``(N, S)`` (the same joint action for every critic) or ``(S, N, S)``
-        (critic i judges ``actions[i]``).
+        ``actions`` is ``(N, S)`` (one joint action for every Q_i) or ``(S, N, S)`` (Q_i judges
+        ``actions[i]``).
         """
-        n = obs.shape[0]
-        flat_obs = self.normalize(obs).reshape(n, -1).expand(self.num_slices, n, -1)
-        if actions.dim() == 2:
-            actions = actions.expand(self.num_slices, n, self.num_slices)
         net = self.target_critic if target else self.critic
-        return net(torch.cat((flat_obs, actions), dim=-1), frozen=frozen).squeeze(-1).T
+        inputs, forecast = self.normalized_inputs(obs), forecast_share(obs)
+        if actions.dim() == 2:
+            return net(inputs, actions, forecast, self.kind_onehot)
+        q = net(inputs.expand(self.num_slices, *inputs.shape), actions, forecast, self.kind_onehot)
+        return torch.diagonal(q, dim1=0, dim2=2)  # (N, S): Q_i under actions[i]
 
     def actions_with_own(self, replay_actions: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        """``(S, N, S)``: for critic i, the replayed joint action with a_i replaced by ``own[:, i]``."""
-        return torch.where(self.own, own.unsqueeze(0), replay_actions.unsqueeze(0))
+        """``(S, N, S)``: for Q_i, the replayed joint action with a_i replaced by ``own[:, i]``."""
+        eye = torch.eye(self.num_slices, dtype=torch.bool, device=own.device)[:, None, :]
+        return torch.where(eye, own.unsqueeze(0), replay_actions.unsqueeze(0))
 
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return {Columns.ACTIONS: self.act(batch[Columns.OBS])}

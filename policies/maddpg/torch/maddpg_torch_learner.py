@@ -32,15 +32,17 @@ Costs are stored raw in the replay and the multipliers applied here, at learning
 always uses the current multipliers. ``done`` is 1 on the last interval of an episode; the
 observation carries the episode progress, so that interval is terminal and is not bootstrapped.
 
-Both losses are one backward pass: the actor loss reads the critics through detached weights, so
-its gradient reaches only the actors, and the critic loss only the critics. All slices are
+Both losses are one backward pass: the actor loss reads the critic with its weights frozen
+(``requires_grad`` off while that forward runs), so its gradient reaches only the actors, and the
+critic loss only the critic. All slices are
 updated by the same batched tensor ops (no Python loop over slices). After each step the targets
 move by Polyak averaging, theta' <- tau theta + (1 - tau) theta'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -80,14 +82,29 @@ def maddpg_losses(
     q = module.q_values(obs, actions)
     critic_loss = (q - y).square().mean(dim=0).sum()
     own = module.act(obs)
-    if cooperative:  # every actor climbs the sum of all critics at the actors' joint action
-        q_own = module.q_values(obs, own, frozen=True)
-    else:
-        q_own = module.q_values(obs, module.actions_with_own(actions, own), frozen=True)
+    with frozen(module.critic):
+        if cooperative:  # every actor climbs the sum of all critics at the actors' joint action
+            q_own = module.q_values(obs, own)
+        else:
+            q_own = module.q_values(obs, module.actions_with_own(actions, own))
     actor_loss = -q_own.mean(dim=0).sum()
     if request_penalty:  # requests beyond the cell change no allocation: price them
         actor_loss = actor_loss + request_penalty * (own.sum(dim=-1) - 1.0).clamp(min=0.0).mean()
     return critic_loss, actor_loss, q.detach().mean()
+
+
+@contextmanager
+def frozen(net: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``net``'s weights are constants to autograd (gradients still flow
+    through its inputs)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class MADDPGTorchLearner(TorchLearner):
@@ -162,10 +179,10 @@ class MADDPGTorchLearner(TorchLearner):
         return self.metrics.reduce()
 
     def set_obs_normalizer(self, obs: np.ndarray) -> None:
-        """Fit the module's observation standardisation to ``obs`` ``(N, S, F)`` (warm-up data)."""
+        """Fit the module's input standardisation to ``obs`` ``(N, S, F)`` (warm-up data)."""
         obs = torch.from_numpy(np.asarray(obs, dtype=np.float32)).to(self._device)
         module = self.module[self.module_id].unwrapped()
-        module.set_obs_normalizer(obs.mean(dim=0), obs.std(dim=0))
+        module.fit_normalizer(obs)
 
     def set_multipliers(self, values: np.ndarray | list[float]) -> None:
         values = torch.as_tensor(np.asarray(values, dtype=np.float32), device=self._device)
