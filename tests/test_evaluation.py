@@ -9,15 +9,20 @@ import numpy as np
 import pytest
 
 from deepslicing import cli
-from deepslicing.baselines import BASELINES, HEURISTICS
+from deepslicing.baselines import BASELINES, COMPARATORS, HEURISTICS, NEED_FORECAST
 from deepslicing.config import ConfigError, from_mapping, load
 from deepslicing.evaluation import (
     COLUMNS,
+    SCORECARD_COLUMNS,
     EvaluateConfig,
     evaluate,
+    evaluate_pair,
     evaluate_pairs,
+    format_scorecard,
     resolve_policy,
     run,
+    scorecard,
+    write_outputs,
 )
 from deepslicing.scenarios import SYNTHETIC_SCENARIOS
 from deepslicing.simulator import SlicingConfig, SlicingSimulator
@@ -76,6 +81,18 @@ def test_oracle_bounds_every_heuristic(full_run):
             )
 
 
+def test_utility_is_also_reported_as_percent_of_the_oracle(full_run):
+    config, rows, _ = full_run
+    oracle = {r["scenario"]: float(r["utility_mean"]) for r in rows if r["policy"] == "oracle"}
+    for r in rows:
+        expected = 100.0 if r["policy"] == "oracle" else 100 * float(r["utility_mean"])
+        expected /= 1.0 if r["policy"] == "oracle" else oracle[r["scenario"]]
+        assert float(r["utility_pct_oracle"]) == pytest.approx(expected, rel=1e-12)
+    # no trained policy among the baselines: the scorecard has its header and no verdicts
+    header, card = read_csv(Path(config.out) / "scorecard.csv")
+    assert tuple(header) == SCORECARD_COLUMNS and card == []
+
+
 def test_outputs_are_written(full_run):
     config, _, _ = full_run
     out = Path(config.out)
@@ -118,6 +135,7 @@ def test_single_episode_many_slices_and_absent_kinds(tmp_path):
     assert run(config) == 0
     _, rows = read_csv(tmp_path / "summary.csv")
     assert rows[0]["utility_ci95"] == "0.0"
+    assert rows[0]["utility_pct_oracle"] == ""  # no oracle evaluated
     assert rows[0]["violation_rate_mmtc"] == ""  # no mMTC slice
     assert rows[0]["violation_rate_embb"] != ""
     assert_png(tmp_path / "timeseries_steady.png")
@@ -172,6 +190,8 @@ def test_cli_writes_the_summary(tmp_path, capsys):
     ]
     printed = capsys.readouterr().out
     assert "utility" in printed and str(tmp_path / "summary.csv") in printed
+    assert "mean % of oracle over scenarios: equal " in printed
+    assert str(tmp_path / "scorecard.csv") in printed
 
 
 @pytest.mark.parametrize(
@@ -224,3 +244,100 @@ def test_resolve_policy():
         assert resolve_policy(name, sim)(observation).shape == (2, 3)
     with pytest.raises(ValueError, match=r"^policy: unknown policy 'genius'; must be one of \("):
         resolve_policy("genius", sim)
+
+
+def summary_row(policy, scenario, utility, violation_rate):
+    return {
+        "policy": policy,
+        "scenario": scenario,
+        "utility_mean": utility,
+        "utility_pct_oracle": None,
+        "violation_rate": violation_rate,
+    }
+
+
+def test_scorecard_verdicts_on_a_synthetic_summary():
+    trained = "runs/maddpg/checkpoints/iter_000030"
+    rows = [
+        summary_row("proportional", "steady", 0.85, 0.20),
+        summary_row("mpc", "steady", 0.90, 0.40),
+        summary_row("oracle", "steady", 0.99, 0.05),  # an upper bound, never the comparator
+        summary_row(trained, "steady", 0.92, 0.15),
+        summary_row("proportional", "burst", 0.80, 0.20),
+        summary_row("forecast", "burst", 0.83, 0.45),
+        summary_row(trained, "burst", 0.82, 0.25),
+        summary_row("equal", "outage", 0.70, 0.30),
+        summary_row(trained, "outage", 0.75, 0.10),
+        summary_row("oracle", "diurnal", 0.97, 0.05),
+        summary_row(trained, "diurnal", 0.80, 0.20),
+    ]
+    card = {c["scenario"]: c for c in scorecard(rows)}
+    assert list(card) == ["steady", "burst", "outage", "diurnal"]  # trained policy rows only
+    assert all(tuple(c) == SCORECARD_COLUMNS for c in card.values())
+    steady = card["steady"]
+    assert (steady["best_comparator"], steady["best_comparator_utility"]) == ("mpc", 0.90)
+    assert steady["margin"] == pytest.approx(0.02) and steady["mpc_utility"] == 0.90
+    assert steady["proportional_violation_rate"] == 0.20 and steady["verdict"] == "pass"
+    assert card["burst"]["best_comparator"] == "forecast"
+    assert card["burst"]["margin"] == pytest.approx(-0.01)
+    assert card["burst"]["mpc_utility"] is None
+    assert card["burst"]["verdict"] == "fail: utility, violations"
+    assert card["outage"]["verdict"] == "incomplete: no proportional"
+    assert card["diurnal"]["best_comparator"] is None
+    assert card["diurnal"]["verdict"] == "incomplete: no comparator, no proportional"
+    text = format_scorecard(rows, list(card.values()))
+    assert f"{trained}: passes 1 of 4 scenarios; earns its place: no" in text
+
+
+def test_evaluate_writes_a_scorecard_for_a_trained_policy(tmp_path):
+    """A checkpoint policy's label with a stand-in callable (training one takes minutes): its
+    scorecard rows agree with the summary and carry a verdict."""
+    config = EvaluateConfig(
+        policy=("proportional", "forecast", "mpc", "oracle"),
+        scenario=("steady", "burst"),
+        episodes=2,
+        seed=1,
+        out=str(tmp_path),
+        plots=False,
+        env=SMALL_ENV,
+    )
+    trained = str(tmp_path / "checkpoints" / "iter_000001")
+
+    def stand_in(obs):  # asks for its forecast and a fixed margin
+        return np.minimum(obs[..., NEED_FORECAST] * 1.1, 1.0)
+
+    results = evaluate_pairs(config)
+    for scenario in config.scenario:
+        env = dataclasses.replace(SMALL_ENV, scenario=scenario)
+        results.append(evaluate_pair(env, trained, config.episodes, config.seed, stand_in))
+    write_outputs(config, results, tmp_path)
+    _, summary = read_csv(tmp_path / "summary.csv")
+    assert {r["utility_pct_oracle"] for r in summary if r["policy"] == "oracle"} == {"100.0"}
+    assert all(r["utility_pct_oracle"] != "" for r in summary)
+    header, card = read_csv(tmp_path / "scorecard.csv")
+    assert tuple(header) == SCORECARD_COLUMNS
+    assert [(c["policy"], c["scenario"]) for c in card] == [(trained, "steady"), (trained, "burst")]
+    by_pair = {(r["policy"], r["scenario"]): r for r in summary}
+    for c in card:
+        own = by_pair[trained, c["scenario"]]
+        comparators = {
+            p: float(by_pair[p, c["scenario"]]["utility_mean"])
+            for p in COMPARATORS
+            if (p, c["scenario"]) in by_pair
+        }
+        best = max(comparators, key=comparators.get)
+        assert c["best_comparator"] == best and c["best_comparator"] != "oracle"
+        assert float(c["margin"]) == pytest.approx(
+            float(own["utility_mean"]) - comparators[best], abs=1e-12
+        )
+        assert float(c["mpc_utility"]) == comparators["mpc"]
+        proportional = float(by_pair["proportional", c["scenario"]]["violation_rate"])
+        beats = float(own["utility_mean"]) > comparators[best]
+        fewer = float(own["violation_rate"]) <= proportional
+        expected = {
+            (True, True): "pass",
+            (False, True): "fail: utility",
+            (True, False): "fail: violations",
+            (False, False): "fail: utility, violations",
+        }[beats, fewer]
+        assert c["verdict"] == expected
