@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
+from deepslicing import simulator
 from deepslicing.config import ConfigError
+from deepslicing.scenarios import Traffic
 from deepslicing.simulator import ActionError
 from envs.slicing_v0 import SCENARIOS, parallel_env, vector_env
 
@@ -155,14 +157,57 @@ def test_missing_trace_file_is_named(tmp_path):
         parallel_env(scenario="trace", trace_path=str(tmp_path / "absent.csv"))
 
 
-def test_vector_env_matches_single_envs_given_the_same_traffic():
-    batched = vector_env(4, scenario="diurnal", episode_length=20)
-    batched.reset(seed=5)
+@pytest.mark.parametrize("coordinator", ["projection", "admm"])
+def test_vector_env_matches_single_envs_given_the_same_traffic(monkeypatch, coordinator):
+    """A k-cell vector env draws all cells' traffic from one seed, so cell i is not any single
+    env's seed; each single PettingZoo env is given cell i's traffic instead (the scenario
+    generator replaced by one returning it), then both step with the same requests and must agree
+    on every observation, reward, cost and share."""
+    kwargs = {"scenario": "diurnal", "episode_length": 20, "coordinator": coordinator}
+    num_cells = 4
+    batched = vector_env(num_cells, **kwargs)
+    batched_obs = batched.reset(seed=5)
+    assert batched_obs.shape == (num_cells, 3, 12)
+    assert not np.array_equal(batched.demand[0], batched.demand[1])  # the cells differ
+
+    singles = []
+    for i in range(num_cells):
+        cell = Traffic(
+            demand=batched.demand[i : i + 1],
+            spectral_efficiency=batched.spectral_efficiency[i : i + 1],
+        )
+
+        def cell_traffic(scenario, rng, *, num_envs, horizon, cell=cell, **_):
+            assert (scenario, num_envs, horizon) == ("diurnal", 1, cell.demand.shape[1])
+            return cell
+
+        monkeypatch.setattr(simulator, "generate", cell_traffic)
+        env = parallel_env(**kwargs)
+        obs, _ = env.reset(seed=100 + i)  # the seed no longer matters: the traffic is cell i's
+        np.testing.assert_array_equal(np.stack([obs[a] for a in env.agents]), batched_obs[i])
+        singles.append(env)
+    monkeypatch.undo()
+
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        out = batched.step(rng.random((4, 3)))
-    assert out.done and out.observation.shape == (4, 3, 6)
-    assert out.reward.shape == out.cost.shape == out.shares.shape == (4, 3)
+    done = False
+    while not done:
+        requests = rng.uniform(0.0, 1.2, size=(num_cells, 3))  # some above 1: clipped alike
+        out = batched.step(requests)
+        done = out.done
+        for i, env in enumerate(singles):
+            agents = env.agents
+            obs, rewards, _, truncations, infos = env.step(
+                {a: requests[i, k : k + 1] for k, a in enumerate(agents)}
+            )
+            np.testing.assert_array_equal(np.stack([obs[a] for a in agents]), out.observation[i])
+            np.testing.assert_array_equal([rewards[a] for a in agents], out.reward[i])
+            np.testing.assert_array_equal([infos[a]["cost"] for a in agents], out.cost[i])
+            np.testing.assert_array_equal([infos[a]["share"] for a in agents], out.shares[i])
+            np.testing.assert_array_equal(
+                [infos[a]["clipped_actions"] for a in agents], out.clipped[i]
+            )
+            assert all(truncations[a] == done for a in agents)
+    assert all(not env.agents for env in singles)
 
 
 def test_rllib_adapter_passes_rllib_checks():
