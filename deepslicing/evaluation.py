@@ -22,7 +22,8 @@ the model's per-interval cell utility, at most 1, see :mod:`deepslicing.model`):
 The first column group is ``policy, scenario, episodes``. Scenario ``all`` means the five synthetic
 scenarios, plus ``trace`` when ``env.trace_path`` is set. Policies are resolved by
 :func:`resolve_policy`: the baselines of :mod:`deepslicing.baselines`, or a MADDPG checkpoint
-directory (its deterministic actors, see :func:`policies.maddpg.load_actor_policy`).
+directory (its deterministic actors for the evaluated cell's slice kinds, see
+:func:`policies.maddpg.policy.load_actor_policy`).
 
 The scorecard says whether a trained policy earns its place (the design's rule: it must
 beat every comparator an operator would run instead on every scenario, in utility, without more SLA
@@ -203,7 +204,8 @@ def resolve_policy(name: str, sim: SlicingSimulator) -> Policy:
         return make_policy(name, sim)
     from policies.maddpg.policy import load_actor_policy
 
-    return load_actor_policy(name)
+    # the actors are shared by kind: one checkpoint drives any slice mix of the kinds it trained
+    return load_actor_policy(name, kinds=tuple(sim.slices.kind))
 
 
 @dataclass(frozen=True)
