@@ -1,14 +1,16 @@
 """``deepslicing export``: a MADDPG checkpoint's actors as ONNX, TorchScript and int8 ONNX files.
 
-Only the decentralised actors are exported (no critics, no target networks), with the observation
-standardisation inside the graph, so an exported file maps raw observations to requested shares:
+Only the decentralised actors are exported (no critics, no target networks), with the input
+transform and standardisation inside the graph, so an exported file maps raw observations to
+requested shares:
 
-- input ``obs``: float32 ``(batch, num_slices, 6)``, each slice's own features in
+- input ``obs``: float32 ``(batch, num_slices, 12)``, each slice's own features in
   :data:`deepslicing.model.FEATURES` order (units and ranges in :mod:`deepslicing.model`; the
   actors were trained on values in ``[0, FEATURE_HIGH]``); ``batch`` is a dynamic axis;
 - output ``shares``: float32 ``(batch, num_slices)``, each slice's requested share of the cell's
-  PRBs in [0, 1] (before the coordinator turns requests into a feasible allocation), computed as
-  ``sigmoid(MLP_i((obs_i - obs_shift_i) * obs_scale_i))``, deterministically (no exploration noise).
+  PRBs in [0, 1] (before the coordinator turns requests into a feasible allocation), computed
+  exactly as the RL module's ``act`` (the slice's forecast times its kind's learned correction,
+  see :mod:`policies.maddpg.torch.default_maddpg_torch_rl_module`), deterministically.
 
 Files written to ``--out`` (files of formats not asked for are removed, so the directory always
 matches its metadata):
@@ -52,7 +54,7 @@ lower). The uniform draw over the whole feature box is harsher than real traffic
 the standardisation's centre. Use `int8` where a few hundredths of a share do not matter; the
 float formats are exact to float32 rounding.
 
-:func:`load_exported` loads any format back as a numpy callable ``(E, S, 6) -> (E, S)`` float32
+:func:`load_exported` loads any format back as a numpy callable ``(E, S, 12) -> (E, S)`` float32
 (onnxruntime sessions with one intra-op thread; ``torch.jit.load``), which the Serve app uses.
 """
 
@@ -80,6 +82,7 @@ import numpy as np
 
 from deepslicing.config import check_int, option, to_dict
 from deepslicing.model import FEATURE_HIGH, FEATURES, NUM_FEATURES
+from deepslicing.slices import KINDS
 
 FORMATS = ("onnx", "torchscript", "int8")
 FILES = {"onnx": "actor.onnx", "torchscript": "actor.pt", "int8": "actor.int8.onnx"}
@@ -184,21 +187,18 @@ def algorithm_config(checkpoint: Path):
 
 
 def actor_wrapper(module):
-    """A plain ``nn.Module`` copy of an inference-only MADDPG module's actors and standardisation:
-    ``obs (batch, S, 6) -> shares (batch, S)``, the same operations as ``module.act``."""
+    """A plain ``nn.Module`` around a copy of an inference-only MADDPG module whose forward is
+    the module's ``act``: ``obs (batch, S, 12) -> shares (batch, S)``."""
     import torch
     from torch import nn
 
     class ExportedActor(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.actor = copy.deepcopy(module.actor)
-            self.register_buffer("obs_shift", module.obs_shift.detach().clone())
-            self.register_buffer("obs_scale", module.obs_scale.detach().clone())
+            self.module = copy.deepcopy(module)
 
         def forward(self, obs: torch.Tensor) -> torch.Tensor:
-            x = (obs - self.obs_shift) * self.obs_scale
-            return torch.sigmoid(self.actor(x.transpose(0, 1))).squeeze(-1).transpose(0, 1)
+            return self.module.act(obs)
 
     wrapper = ExportedActor().eval()
     wrapper.requires_grad_(False)
@@ -277,7 +277,7 @@ def export_int8(onnx_path: Path, path: Path) -> dict[str, list[str]]:
 
 
 class ExportedPolicy:
-    """An exported actor as a numpy callable ``obs (E, S, 6) -> shares (E, S)`` float32."""
+    """An exported actor as a numpy callable ``obs (E, S, 12) -> shares (E, S)`` float32."""
 
     def __init__(self, directory: str | Path, format: str = "onnx") -> None:
         directory = Path(directory)
@@ -332,7 +332,7 @@ class ExportedPolicy:
 
 
 def load_exported(directory: str | Path, format: str = "onnx") -> ExportedPolicy:
-    """Load an export written by :func:`run` as a numpy callable ``(E, S, 6) -> (E, S)``."""
+    """Load an export written by :func:`run` as a numpy callable ``(E, S, 12) -> (E, S)``."""
     return ExportedPolicy(directory, format)
 
 
@@ -407,14 +407,17 @@ def export_module(
             "coordinator makes the allocation feasible",
         },
         "normalization": {
-            "formula": "(obs - obs_shift) * obs_scale, inside the exported graph",
-            "obs_shift": module.obs_shift.detach().cpu().numpy().tolist(),
-            "obs_scale": module.obs_scale.detach().cpu().numpy().tolist(),
+            "formula": "(actor_inputs(obs) - input_shift[kind]) * input_scale[kind], inside "
+            "the exported graph; rows of input_shift/input_scale follow `kinds`",
+            "kinds": list(KINDS),
+            "input_shift": module.input_shift.detach().cpu().numpy().tolist(),
+            "input_scale": module.input_scale.detach().cpu().numpy().tolist(),
         },
         "actor": {
             "hiddens": [int(w.shape[-1]) for w in module.actor.weights][:-1],
-            "groups": [int(g) for g in module.actor.groups.tolist()],
-            "activation": "relu, sigmoid output",
+            "slice_kinds": list(module.slice_kinds),
+            "activation": "relu, tanh correction of the slice's need forecast "
+            "(request = min(1, forecast x 2^tanh(.)))",
         },
         "files": files,
         "onnx": {
@@ -550,7 +553,7 @@ def run(config: ExportConfig) -> int:
     return 0
 
 
-def untrained_actor_module(num_slices: int, seed: int = 0, share_parameters_by_kind: bool = False):
+def untrained_actor_module(num_slices: int, seed: int = 0):
     """A freshly initialised inference-only MADDPG module for ``num_slices`` default slices, built
     from ``MADDPGConfig``'s defaults and seeded; identity standardisation."""
     import torch
@@ -558,11 +561,7 @@ def untrained_actor_module(num_slices: int, seed: int = 0, share_parameters_by_k
     from policies.maddpg import MADDPGConfig
     from policies.maddpg.env_runner import joint_spaces
 
-    config = (
-        MADDPGConfig()
-        .environment(env_config={"num_slices": num_slices})
-        .training(share_parameters_by_kind=share_parameters_by_kind)
-    )
+    config = MADDPGConfig().environment(env_config={"num_slices": num_slices})
     spec = config.get_default_rl_module_spec()
     spec.observation_space, spec.action_space = joint_spaces(num_slices)
     spec.inference_only = True

@@ -16,31 +16,39 @@ import torch
 from deepslicing import metrics
 from deepslicing.evaluation import check_policy, evaluate_pair
 from deepslicing.simulator import SlicingConfig
-from policies.constraints import dual_ascent
+from deepslicing.model import FEATURE_HIGH, FEATURES
+from policies.constraints import dual_ascent, slice_budgets, unreachable
 from policies.maddpg import MADDPG, MADDPGConfig, load_actor_policy
-from policies.maddpg.maddpg import actor_groups
+from policies.maddpg.policy import PolicyMismatchError
 from policies.maddpg.replay import SynchronizedReplay
 from policies.maddpg.torch.default_maddpg_torch_rl_module import MADDPGTorchRLModule
-from policies.maddpg.torch.maddpg_torch_learner import maddpg_losses
+from policies.maddpg.torch.maddpg_torch_learner import frozen, maddpg_losses
 
-NUM_SLICES, NUM_FEATURES = 3, 6
+NUM_SLICES, NUM_FEATURES = 3, len(FEATURES)
+FORECAST = FEATURES.index("need_forecast")
 
 
-def make_module(inference_only: bool = False, groups=None) -> MADDPGTorchRLModule:
-    torch.manual_seed(0)
+def make_module(
+    inference_only: bool = False, kinds=("embb", "urllc", "mmtc"), seed: int = 0
+) -> MADDPGTorchRLModule:
+    torch.manual_seed(seed)
     spaces = (
-        gym.spaces.Box(0.0, 10.0, (NUM_SLICES, NUM_FEATURES), np.float32),
-        gym.spaces.Box(0.0, 1.0, (NUM_SLICES,), np.float32),
+        gym.spaces.Box(0.0, np.tile(FEATURE_HIGH, (len(kinds), 1)), dtype=np.float32),
+        gym.spaces.Box(0.0, 1.0, (len(kinds),), np.float32),
     )
     module = MADDPGTorchRLModule(
         observation_space=spaces[0],
         action_space=spaces[1],
         inference_only=inference_only,
-        model_config={"actor_groups": groups} if groups else {},
+        model_config={"slice_kinds": list(kinds)},
     )
     if not inference_only:
         module.make_target_networks()
     return module
+
+
+def random_obs(*shape: int) -> torch.Tensor:
+    return torch.rand(*shape, NUM_FEATURES) * torch.from_numpy(FEATURE_HIGH).clamp(max=1.0)
 
 
 def tiny_config(**training) -> MADDPGConfig:
@@ -62,9 +70,9 @@ def tiny_config(**training) -> MADDPGConfig:
 
 def test_actor_ignores_other_slices_observations():
     module = make_module()
-    obs = torch.rand(5, NUM_SLICES, NUM_FEATURES)
+    obs = random_obs(5, NUM_SLICES)
     changed = obs.clone()
-    changed[:, 1:] = torch.rand(5, NUM_SLICES - 1, NUM_FEATURES) * 5
+    changed[:, 1:] = random_obs(5, NUM_SLICES - 1)
     with torch.no_grad():
         before, after = module.act(obs), module.act(changed)
     torch.testing.assert_close(before[:, 0], after[:, 0])
@@ -72,24 +80,43 @@ def test_actor_ignores_other_slices_observations():
     assert ((before >= 0) & (before <= 1)).all()
 
 
-def test_shared_actor_ignores_other_slices_too():
-    module = make_module(groups=[0, 1, 0])  # slices 0 and 2 share one actor
-    obs = torch.rand(5, NUM_SLICES, NUM_FEATURES)
-    changed = obs.clone()
-    changed[:, 2] += 1.0
+def test_actor_corrects_its_forecast_within_a_factor_of_two():
+    module = make_module()
+    obs = random_obs(64, NUM_SLICES)
+    obs[..., FORECAST] = 0.2
     with torch.no_grad():
-        before, after = module.act(obs), module.act(changed)
-    torch.testing.assert_close(before[:, :2], after[:, :2])
-    same_obs = obs.clone()
-    same_obs[:, 2] = same_obs[:, 0]
+        shares = module.act(obs)
+    assert (shares >= 0.1 - 1e-6).all() and (shares <= 0.4 + 1e-6).all()
+    assert shares.std() > 0  # the correction depends on the other inputs
+
+
+def test_slices_of_one_kind_share_an_actor_and_any_slice_mix_loads_the_weights():
+    three = make_module(inference_only=True)
+    mix = make_module(inference_only=True, kinds=("urllc", "embb", "urllc", "mmtc", "embb"), seed=1)
+    mix.set_state(three.get_state())  # no weight depends on the number of slices
+    obs = random_obs(4, NUM_SLICES)
+    five = torch.stack((obs[:, 1], obs[:, 0], obs[:, 1], obs[:, 2], obs[:, 0]), dim=1)
     with torch.no_grad():
-        shared = module.act(same_obs)
-    torch.testing.assert_close(shared[:, 0], shared[:, 2])
+        a, b = three.act(obs), mix.act(five)
+    torch.testing.assert_close(b, torch.stack((a[:, 1], a[:, 0], a[:, 1], a[:, 2], a[:, 0]), 1))
+
+
+def test_critic_is_invariant_to_the_order_of_slices():
+    kinds = ("embb", "urllc", "mmtc", "embb")
+    module = make_module(kinds=kinds)
+    swapped = make_module(kinds=tuple(kinds[i] for i in (3, 2, 1, 0)))
+    swapped.set_state(module.get_state())
+    obs, actions = random_obs(5, 4), torch.rand(5, 4)
+    order = [3, 2, 1, 0]
+    with torch.no_grad():
+        q = module.q_values(obs, actions)
+        q_swapped = swapped.q_values(obs[:, order], actions[:, order])
+    torch.testing.assert_close(q_swapped, q[:, order])
 
 
 def test_critic_sees_other_slices_observations_and_actions():
     module = make_module()
-    obs = torch.rand(5, NUM_SLICES, NUM_FEATURES)
+    obs = random_obs(5, NUM_SLICES)
     actions = torch.rand(5, NUM_SLICES)
     with torch.no_grad():
         q = module.q_values(obs, actions)
@@ -112,10 +139,10 @@ def test_inference_only_module_has_no_critic_weights():
     assert names and all(n.startswith("actor.") for n in names)
     assert not hasattr(actors, "critic")
     state = full.get_state(inference_only=True)
-    # actor weights and the observation standardisation the actors use, nothing else
-    assert {k.split(".")[0] for k in state} == {"actor", "obs_shift", "obs_scale"}
+    # actor weights and the input standardisation the actors use, nothing else
+    assert {k.split(".")[0] for k in state} == {"actor", "input_shift", "input_scale"}
     actors.set_state(state)
-    obs = torch.rand(3, NUM_SLICES, NUM_FEATURES)
+    obs = random_obs(3, NUM_SLICES)
     with torch.no_grad():
         torch.testing.assert_close(actors.act(obs), full.act(obs))
 
@@ -123,11 +150,11 @@ def test_inference_only_module_has_no_critic_weights():
 def random_batch(cost: float, n: int = 16) -> dict[str, torch.Tensor]:
     """Replay columns of ``n`` random joint transitions, every slice's cost set to ``cost``."""
     return {
-        "obs": torch.rand(n, NUM_SLICES, NUM_FEATURES),
+        "obs": random_obs(n, NUM_SLICES),
         "actions": torch.rand(n, NUM_SLICES),
         "rewards": torch.rand(n, NUM_SLICES),
         "costs": torch.full((n, NUM_SLICES), cost),
-        "next_obs": torch.rand(n, NUM_SLICES, NUM_FEATURES),
+        "next_obs": random_obs(n, NUM_SLICES),
         "dones": torch.zeros(n),
     }
 
@@ -163,9 +190,10 @@ def test_cooperative_actor_loss_climbs_every_critic_and_prices_excess_requests()
     torch.testing.assert_close(cooperative, -joint_q.mean(dim=0).sum())
     torch.testing.assert_close(penalised, cooperative + 2.0 * excess)
     # actor 0's gradient reaches it through the OTHER slices' critics too
-    others_only = -module.q_values(batch["obs"], module.act(batch["obs"]), frozen=True)[:, 1:]
+    with frozen(module.critic):
+        others_only = -module.q_values(batch["obs"], module.act(batch["obs"]))[:, 1:]
     others_only.mean(dim=0).sum().backward()
-    assert module.actor.weights[0].grad[0].abs().sum() > 0
+    assert module.actor.weights[0].grad[0].abs().sum() > 0  # the eMBB actor, slice 0
 
 
 def test_replay_keeps_transitions_time_aligned():
@@ -192,15 +220,18 @@ def test_replay_keeps_transitions_time_aligned():
     np.testing.assert_array_equal(batch["next_obs"][..., 0, 0], t + 1)
 
 
-def test_actor_groups_by_kind():
-    kinds = ["embb", "urllc", "mmtc", "embb", "urllc"]
-    assert actor_groups(kinds, share_by_kind=False) == [0, 1, 2, 3, 4]
-    assert actor_groups(kinds, share_by_kind=True) == [0, 1, 2, 0, 1]
-
-
 def test_dual_ascent_projects_onto_nonnegative():
     new = dual_ascent(np.array([0.0, 1.0, 0.05]), np.array([0.5, 0.0, 0.0]), 0.1, 0.5)
     np.testing.assert_allclose(new, [0.2, 0.95, 0.0])
+
+
+def test_budgets_per_kind_and_unreachable_ones_are_named():
+    kinds = ("embb", "urllc", "mmtc", "urllc")
+    np.testing.assert_allclose(slice_budgets({"urllc": 0.02}, kinds), [0.25, 0.02, 0.25, 0.02])
+    np.testing.assert_allclose(slice_budgets(0.1, kinds), [0.1] * 4)
+    budget = np.array([0.25, 0.02, 0.25])
+    stuck = unreachable(np.array([1.0, 1.0, 0.3]), np.array([0.2, 0.05, 0.5]), budget, 1.0)
+    np.testing.assert_array_equal(stuck, [False, True, False])
 
 
 @pytest.mark.parametrize(
@@ -219,8 +250,9 @@ def test_dual_ascent_projects_onto_nonnegative():
         ({"admm_rho": 0.0}, "admm_rho"),
         ({"admm_iterations": 0}, "admm_iterations"),
         ({"cost_budget": 2.0}, "cost_budget"),
+        ({"cost_budget": {"urllc": -0.1}}, "cost_budget.urllc"),
+        ({"cost_budget": {"voice": 0.1}}, "cost_budget.voice"),
         ({"multiplier_lr": -1.0}, "multiplier_lr"),
-        ({"share_parameters_by_kind": "yes"}, "share_parameters_by_kind"),
         ({"actor_hiddens": [64, 0]}, "actor_hiddens"),
     ],
 )
@@ -277,7 +309,7 @@ def test_tiny_training_reports_metrics_and_restores_multipliers(ray_local, tmp_p
         algo.set_multipliers([9.0, 9.0, 9.0])
         algo.restore_from_path(checkpoint)
         np.testing.assert_allclose(algo.get_multipliers(), multipliers, rtol=1e-6)
-        obs = np.random.default_rng(0).random((2, 3, 6)).astype(np.float32)
+        obs = random_obs(2, 3).numpy()
         with torch.no_grad():
             expected = algo.get_module().act(torch.from_numpy(obs)).numpy()
     finally:
@@ -295,7 +327,12 @@ def test_tiny_training_reports_metrics_and_restores_multipliers(ray_local, tmp_p
     assert shares.shape == (2, 3) and shares.dtype == np.float64
     np.testing.assert_allclose(shares, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="slices"):
-        policy(np.zeros((2, 4, 6)))
+        policy(np.zeros((2, 4, NUM_FEATURES)))
+    # the same checkpoint drives any slice mix of the kinds it trained
+    five = load_actor_policy(checkpoint, kinds=("mmtc", "embb", "urllc", "embb", "mmtc"))
+    np.testing.assert_allclose(five(obs[:, [2, 0, 1, 0, 2]]), expected[:, [2, 0, 1, 0, 2]], rtol=1e-5)
+    with pytest.raises(PolicyMismatchError, match="trained actors for"):
+        load_actor_policy(checkpoint, kinds=("embb", "voice"))
     with pytest.raises(FileNotFoundError, match="not a MADDPG checkpoint"):
         load_actor_policy(tmp_path / "missing")
 

@@ -49,6 +49,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+from ray.util import log_once
 from torch import nn
 
 from deepslicing.model import FEATURES
@@ -62,6 +63,13 @@ HEADROOM_LOG_RANGE = math.log(2.0)  # the actor's request is within [f / 2, 2 f]
 CRITIC_ONLY = ("critic", "target_critic", "target_actor")
 NUM_ACTOR_INPUTS = 10
 _F = {name: i for i, name in enumerate(FEATURES)}
+
+# Every module here is built with keyword arguments (observation_space=, action_space=,
+# inference_only=, model_config=), the new signature. RLlib 2.60's own RLModule.__init__ still
+# builds the deprecated RLModuleConfig for old subclasses (rl_module.py, "TODO (sven): Deprecate
+# this"), and that warns "RLModule(config=[RLModuleConfig object]) has been deprecated" once per
+# process; it does not concern our constructor, so this module takes that one-time warning slot.
+log_once("RLModule(config=[RLModuleConfig object])")
 
 
 def actor_inputs(obs: torch.Tensor) -> torch.Tensor:
@@ -249,7 +257,8 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         inputs, forecast = self.normalized_inputs(obs), forecast_share(obs)
         if actions.dim() == 2:
             return net(inputs, actions, forecast, self.kind_onehot)
-        q = net(inputs.expand(self.num_slices, *inputs.shape), actions, forecast, self.kind_onehot)
+        s = self.num_slices
+        q = net(inputs.expand(s, *inputs.shape), actions, forecast.expand(s, -1, -1), self.kind_onehot)
         return torch.diagonal(q, dim1=0, dim2=2)  # (N, S): Q_i under actions[i]
 
     def actions_with_own(self, replay_actions: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
