@@ -15,8 +15,8 @@ import torch
 
 from deepslicing import metrics
 from deepslicing.evaluation import check_policy, evaluate_pair
-from deepslicing.simulator import SlicingConfig
 from deepslicing.model import FEATURE_HIGH, FEATURES
+from deepslicing.simulator import SlicingConfig
 from policies.constraints import dual_ascent, slice_budgets, unreachable
 from policies.maddpg import MADDPG, MADDPGConfig, load_actor_policy
 from policies.maddpg.policy import PolicyMismatchError
@@ -330,7 +330,9 @@ def test_tiny_training_reports_metrics_and_restores_multipliers(ray_local, tmp_p
         policy(np.zeros((2, 4, NUM_FEATURES)))
     # the same checkpoint drives any slice mix of the kinds it trained
     five = load_actor_policy(checkpoint, kinds=("mmtc", "embb", "urllc", "embb", "mmtc"))
-    np.testing.assert_allclose(five(obs[:, [2, 0, 1, 0, 2]]), expected[:, [2, 0, 1, 0, 2]], rtol=1e-5)
+    np.testing.assert_allclose(
+        five(obs[:, [2, 0, 1, 0, 2]]), expected[:, [2, 0, 1, 0, 2]], rtol=1e-5
+    )
     with pytest.raises(PolicyMismatchError, match="trained actors for"):
         load_actor_policy(checkpoint, kinds=("embb", "voice"))
     with pytest.raises(FileNotFoundError, match="not a MADDPG checkpoint"):

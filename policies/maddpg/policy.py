@@ -48,9 +48,7 @@ class PolicyMismatchError(ValueError):
     observation layout); the message says what and what to do."""
 
 
-def load_actor_module(
-    checkpoint_path: str | Path, kinds: Sequence[str] | None = None
-) -> RLModule:
+def load_actor_module(checkpoint_path: str | Path, kinds: Sequence[str] | None = None) -> RLModule:
     """The inference-only (actors only) module of an algorithm checkpoint, for slices of
     ``kinds`` (default: the slices it trained on)."""
     directory = module_dir(checkpoint_path)

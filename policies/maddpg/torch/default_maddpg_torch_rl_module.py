@@ -161,7 +161,11 @@ class SetCritic(nn.Module):
         self.psi = mlp((2 * width + 2, *hiddens, 1))
 
     def forward(
-        self, inputs: torch.Tensor, actions: torch.Tensor, forecast: torch.Tensor, kinds: torch.Tensor
+        self,
+        inputs: torch.Tensor,
+        actions: torch.Tensor,
+        forecast: torch.Tensor,
+        kinds: torch.Tensor,
     ) -> torch.Tensor:
         """``inputs (N, S, K)`` standardised, ``actions``/``forecast`` ``(N, S)``, ``kinds``
         one-hot ``(S, len(KINDS))`` -> ``(N, S)``."""
@@ -247,7 +251,9 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         correction = torch.tanh(net(self.normalized_inputs(obs).transpose(0, 1))).squeeze(-1).T
         return (forecast_share(obs) * torch.exp(HEADROOM_LOG_RANGE * correction)).clamp(max=1.0)
 
-    def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
+    def q_values(
+        self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False
+    ) -> torch.Tensor:
         """Q_i for every slice, ``(N, S)``.
 
         ``actions`` is ``(N, S)`` (one joint action for every Q_i) or ``(S, N, S)`` (Q_i judges
@@ -258,7 +264,9 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         if actions.dim() == 2:
             return net(inputs, actions, forecast, self.kind_onehot)
         s = self.num_slices
-        q = net(inputs.expand(s, *inputs.shape), actions, forecast.expand(s, -1, -1), self.kind_onehot)
+        q = net(
+            inputs.expand(s, *inputs.shape), actions, forecast.expand(s, -1, -1), self.kind_onehot
+        )
         return torch.diagonal(q, dim1=0, dim2=2)  # (N, S): Q_i under actions[i]
 
     def actions_with_own(self, replay_actions: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
