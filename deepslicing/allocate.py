@@ -30,8 +30,19 @@ Steps per cell:
    of the same kind (actors are decentralised, so any number of slices can share one actor); a
    slice whose kind the model has no actor for requests its needed share (``source`` = "need");
 3. guardrail: each slice is first reserved ``qos_floor`` x its needed share (when the reserves fit
-   the cell), and the rest of the requests are coordinated by ADMM (:mod:`deepslicing.coordinator`,
-   ``rho``, ``iterations``) into what remains, so shares are >= 0 and sum to at most 1, always;
+   the cell), and the rest of the requests are coordinated into what remains, so shares are >= 0
+   and sum to at most 1, always. Requests that fit are granted as asked (the policy decides). Under
+   overload the guardrail uses the utility objective of :mod:`deepslicing.coordinator` (ADMM,
+   ``rho``, ``iterations``, defaults 2 and 100) with the slices' utility weights w, and, since it
+   knows each slice's need d, values the part of a request a within the need, min(a, d), at the
+   slice's true density w / d; the part beyond the need gets what is left afterwards, pro rata.
+   That is the oracle (the LP on true needs) restricted to x <= a: a slice never gets more than
+   it asked for, but neither under-asking (density w / a would rank it too high) nor over-asking
+   (w / a too low, and its waste served first) distorts the order. Measured on seeded 5-10 slice
+   cells at 1.5-2x overload (tests/test_allocate.py), utility relative to the oracle when the
+   policy asks its need x lognormal(0, 0.3): 0.94 with this rule, 0.84 with the density from the
+   request or from max(request, need), 0.50 with the Euclidean projection; asking exactly the
+   need: 0.9999 (projection 0.53). ``objective="euclidean"`` keeps the old equal cut;
 4. PRBs = floor(share x num_prbs), so PRBs never exceed the cell either;
 5. predicted QoS of the allocation (throughput, p95 delay), whether each SLA holds
    (share >= need) and its risk (1 - min(1, share / need)).
@@ -49,7 +60,14 @@ from typing import Any
 import numpy as np
 
 from deepslicing import model
-from deepslicing.coordinator import CAPACITY_TOLERANCE, admm_allocate, check_admm
+from deepslicing.coordinator import (
+    CAPACITY_TOLERANCE,
+    UTILITY_ITERATIONS,
+    UTILITY_RHO,
+    Objective,
+    check_admm,
+)
+from deepslicing.coordinator import coordinate as coordinate_shares
 from deepslicing.slices import KIND_DEFAULTS, KINDS, TARGET_BOUNDS
 
 TARGETS = tuple(TARGET_BOUNDS)
@@ -64,15 +82,21 @@ class InfeasibleError(ValueError):
 
 @dataclass(frozen=True)
 class Guardrail:
-    """How requests become a feasible allocation (see the module docstring, step 3)."""
+    """How requests become a feasible allocation (see the module docstring, step 3): ADMM
+    ``rho`` and ``iterations`` (the utility objective's defaults), the ``qos_floor`` reserve,
+    ``reject_infeasible``, and the coordinator's ``objective`` ("utility"; "euclidean" is the
+    old equal cut)."""
 
-    rho: float = 0.5
-    iterations: int = 20
+    rho: float = UTILITY_RHO
+    iterations: int = UTILITY_ITERATIONS
     qos_floor: float = 0.0
     reject_infeasible: bool = False
+    objective: Objective = "utility"
 
     def __post_init__(self) -> None:
         check_admm(self.rho, self.iterations)
+        if self.objective not in ("utility", "euclidean"):
+            raise ValueError(f"objective: must be 'utility' or 'euclidean', got {self.objective!r}")
         if not (isinstance(self.qos_floor, int | float) and 0.0 <= self.qos_floor <= 1.0):
             raise ValueError(f"qos_floor: must be a number in [0, 1], got {self.qos_floor!r}")
 
@@ -215,7 +239,12 @@ def allocate_group(
     features[..., 5] = np.asarray(time_of_day, dtype=np.float32)[:, None]
     requested, from_policy = request_shares(actor, actor_kinds, kind, features, need)
     share, primal, dual = guard(
-        requested, need, guardrail, lambda c: [s.name for s in cells[c]], len(cells)
+        requested,
+        need,
+        guardrail,
+        lambda c: [s.name for s in cells[c]],
+        len(cells),
+        slices.utility_weight,
     )
 
     kpis = model.qos(slices, cell, share, demand, efficiency)
@@ -261,19 +290,52 @@ def request_shares(
 
 
 def coordinate(
-    requested: np.ndarray, need: np.ndarray, guardrail: Guardrail
+    requested: np.ndarray,
+    need: np.ndarray,
+    guardrail: Guardrail,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reserve ``qos_floor`` x need where the reserves fit, ADMM the rest into what remains."""
+    """Reserve ``qos_floor`` x need where the reserves fit, coordinate the rest into what remains
+    by ADMM on the guardrail's objective; returns shares, primal and dual residuals ``(C, N)``,
+    ``(C,)``, ``(C,)``. ``weights``: the slices' utility weights (None: equal)."""
+    reserve = None
     if guardrail.qos_floor == 0.0:
-        result = admm_allocate(requested, rho=guardrail.rho, iterations=guardrail.iterations)
+        rest, rest_need, room = np.maximum(requested, 0.0), need, None
+    else:
+        reserve = guardrail.qos_floor * np.minimum(need, 1.0)
+        fits = reserve.sum(axis=-1, keepdims=True) <= 1.0
+        reserve = np.where(fits, reserve, 0.0)
+        room = 1.0 - reserve.sum(axis=-1, keepdims=True)
+        safe_room = np.maximum(room, 1e-12)
+        rest = np.maximum(requested - reserve, 0.0) / safe_room
+        rest_need = np.maximum(need - reserve, 0.0) / safe_room
+    if guardrail.objective == "utility":
+        # the part of each request within its need first, valued at the true density w / need;
+        # then what is left, pro rata, to the parts beyond the needs (module docstring, step 3)
+        if weights is None:
+            weights = np.full(rest.shape[-1], 1.0 / rest.shape[-1])
+        within = np.minimum(rest, rest_need)
+        valued = weights * np.divide(
+            within, rest_need, out=np.zeros_like(within), where=rest_need > 0
+        )
+        result = coordinate_shares(
+            within, valued, method="admm", rho=guardrail.rho, iterations=guardrail.iterations
+        )
+        beyond = rest - within
+        left = np.maximum(1.0 - result.shares.sum(axis=-1, keepdims=True), 0.0)
+        wanted = beyond.sum(axis=-1, keepdims=True)
+        scale = np.minimum(1.0, np.divide(left, wanted, out=np.ones_like(left), where=wanted > 0))
+        result = result._replace(shares=result.shares + beyond * scale)
+    else:
+        result = coordinate_shares(
+            rest,
+            method="admm",
+            objective="euclidean",
+            rho=guardrail.rho,
+            iterations=guardrail.iterations,
+        )
+    if reserve is None:
         return result.shares, result.primal_residual, result.dual_residual
-    reserve = guardrail.qos_floor * np.minimum(need, 1.0)
-    fits = reserve.sum(axis=-1, keepdims=True) <= 1.0
-    reserve = np.where(fits, reserve, 0.0)
-    room = 1.0 - reserve.sum(axis=-1, keepdims=True)
-    safe_room = np.maximum(room, 1e-12)
-    excess = np.maximum(requested - reserve, 0.0) / safe_room
-    result = admm_allocate(excess, rho=guardrail.rho, iterations=guardrail.iterations)
     share = np.where(room > 1e-12, reserve + result.shares * safe_room, reserve)
     return share, result.primal_residual, result.dual_residual
 
@@ -284,10 +346,12 @@ def guard(
     guardrail: Guardrail,
     slice_names: Callable[[int], Sequence[str]],
     num_cells: int,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The guardrail, arrays ``(C, N)``: with ``reject_infeasible``, raise
     :class:`InfeasibleError` naming the first cell whose slices need more than the cell (their
-    names from ``slice_names(cell)``); then :func:`coordinate`."""
+    names from ``slice_names(cell)``); then :func:`coordinate` with the slices' utility
+    ``weights`` (None: equal)."""
     if guardrail.reject_infeasible:
         over = need.sum(axis=-1) > 1.0 + CAPACITY_TOLERANCE
         if over.any():
@@ -300,7 +364,7 @@ def guard(
                 f"{where}the SLAs cannot all be met: the slices need {need[c].sum():.3f} of the "
                 f"cell ({parts}), more than 1"
             )
-    return coordinate(requested, need, guardrail)
+    return coordinate(requested, need, guardrail, weights)
 
 
 def allocate(
