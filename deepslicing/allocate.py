@@ -13,8 +13,14 @@ A slice in a request has a name, SLA targets and optional readings of the interv
 | `mean_demand`         | the kind's demand unit        | the kind's default x 3 / N (as in the default scenarios) |
 | `spectral_efficiency` | bit/s/Hz                      | the kind's mean (4.5 eMBB, 2.5 URLLC, 1.2 mMTC) |
 | `current_share`       | fraction of the cell          | min(1, needed share): as if the SLA held      |
+| `previous_demand`     | the kind's demand unit        | `demand` (no change: a flat history)           |
 
-and the cell a ``time_of_day`` in [0, 1] (default 0.5), the policy's ``episode_progress`` feature.
+and the cell a ``time_of_day`` in [0, 1] (default 0.5), the policy's ``episode_progress`` feature
+(and its sin/cos). ``previous_demand`` (the interval before the last) gives the policy its short
+history: the previous need and the forecaster of :mod:`deepslicing.forecast` after those two
+intervals; without it the derived features take their single-reading defaults
+(:func:`deepslicing.model.complete_features`). The capacity price feature is 0 (the service does
+not know the cell's last price).
 Demand units: eMBB offered Mbps, URLLC packets/s, mMTC devices per interval
 (:mod:`deepslicing.slices`). A slice with no targets takes its kind's default SLA.
 
@@ -26,7 +32,7 @@ mmtc; else embb.
 Steps per cell:
 
 1. needed share of every slice from its targets and readings (:func:`deepslicing.model.needed_share`);
-2. the policy's requested share: each slice is fed, as its 6 features, to the model's first actor
+2. the policy's requested share: each slice is fed, as its 12 features, to the model's first actor
    of the same kind (actors are decentralised, so any number of slices can share one actor); a
    slice whose kind the model has no actor for requests its needed share (``source`` = "need");
 3. guardrail: each slice is first reserved ``qos_floor`` x its needed share (when the reserves fit
@@ -59,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from deepslicing import model
+from deepslicing import forecast, model
 from deepslicing.coordinator import (
     CAPACITY_TOLERANCE,
     UTILITY_ITERATIONS,
@@ -135,6 +141,7 @@ class SliceInput:
     mean_demand: float | None = None
     spectral_efficiency: float | None = None
     current_share: float | None = None
+    previous_demand: float | None = None
 
 
 @dataclass(frozen=True)
@@ -229,14 +236,23 @@ def allocate_group(
     # extreme but valid targets (a jitter of 1e-300 ms) overflow; cap them at an absurd need
     need = np.where(need < MAX_NEED, need, MAX_NEED)  # NaN compares False: capped too
     current = _fill(column(lambda s: s.current_share), np.minimum(need, 1.0))
-
+    previous = column(lambda s: s.previous_demand)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        previous_need = model.needed_share(slices, cell, _fill(previous, demand), efficiency)
+    previous_need = np.where(previous_need < MAX_NEED, previous_need, MAX_NEED)
+    single, two = forecast.start(need), forecast.update(forecast.start(previous_need), need)
+    known = ~np.isnan(previous)
+    history = forecast.Forecast(*(np.where(known, b, a) for a, b in zip(single, two, strict=True)))
+    progress = np.broadcast_to(np.asarray(time_of_day, dtype=np.float64)[:, None], need.shape)
     features = model.observe(
         model.traffic_features(slices, demand, efficiency, need),
         current,
         model.satisfaction(current, need),
-        0.0,
+        progress,
+        history,
+        np.where(known, previous_need, need),
+        np.zeros_like(need),
     )
-    features[..., 5] = np.asarray(time_of_day, dtype=np.float32)[:, None]
     requested, from_policy = request_shares(actor, actor_kinds, kind, features, need)
     share, primal, dual = guard(
         requested,

@@ -21,7 +21,7 @@ starts at level = the first need, trend 0 and error = ``INITIAL_RELATIVE_ERROR``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,8 +31,7 @@ ERROR_ALPHA = 0.2
 INITIAL_RELATIVE_ERROR = 0.15  # about the measured one-step error above
 
 
-@dataclass(frozen=True)
-class Forecast:
+class Forecast(NamedTuple):
     """The forecaster's state after the last observed need, each ``(..., num_slices)``."""
 
     level: np.ndarray

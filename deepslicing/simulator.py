@@ -18,11 +18,10 @@ import numpy as np
 from deepslicing import forecast, model
 from deepslicing.config import check_int, option
 from deepslicing.coordinator import (
-    DEFAULT_ITERATIONS,
-    DEFAULT_RHO,
-    admm_allocate,
+    UTILITY_ITERATIONS,
+    UTILITY_RHO,
     check_admm,
-    project_capacity,
+    coordinate,
 )
 from deepslicing.scenarios import check_scenario, generate, load_trace
 from deepslicing.slices import SliceSpec, default_slices, resolve_slices
@@ -33,7 +32,9 @@ class SlicingConfig:
     """One cell and its slices, the traffic scenario, and how requests are coordinated."""
 
     scenario: str = option(
-        "steady", "traffic scenario: steady, diurnal, burst, outage, flash_crowd or trace"
+        "steady",
+        "traffic scenario: steady, diurnal, burst, outage, flash_crowd, trace, or mix (a random one "
+        "of the five synthetic ones per cell, with random load and outages)",
     )
     num_slices: int = option(
         3, "number of slices (1..20) when `slices` is not given; kinds cycle embb, urllc, mmtc"
@@ -56,8 +57,13 @@ class SlicingConfig:
     coordinator: Literal["projection", "admm"] = option(
         "projection", "projection (exact, one step) or admm (iterative, converges to it)"
     )
-    admm_rho: float = option(DEFAULT_RHO, "ADMM penalty rho (> 0)")
-    admm_iterations: int = option(DEFAULT_ITERATIONS, "ADMM iterations (1..10000)")
+    objective: Literal["utility", "euclidean"] = option(
+        "utility",
+        "what coordination keeps under overload: utility (serve slices in order of utility per "
+        "share) or euclidean (cut every request by the same amount)",
+    )
+    admm_rho: float = option(UTILITY_RHO, "ADMM penalty rho (> 0)")
+    admm_iterations: int = option(UTILITY_ITERATIONS, "ADMM iterations (1..10000)")
     trace_path: str | None = option(
         None, "CSV of demands for the trace scenario: a header naming one column per slice"
     )
@@ -76,6 +82,10 @@ class SlicingConfig:
         if self.coordinator not in ("projection", "admm"):
             raise ValueError(
                 f"coordinator: must be 'projection' or 'admm', got {self.coordinator!r}"
+            )
+        if self.objective not in ("utility", "euclidean"):
+            raise ValueError(
+                f"objective: must be 'utility' or 'euclidean', got {self.objective!r}"
             )
         check_admm(self.admm_rho, self.admm_iterations)
         if self.scenario == "trace" and not self.trace_path:
@@ -126,7 +136,6 @@ class SlicingSimulator:
             else None
         )
         self.t = 0
-        self._no_residual = np.zeros(num_envs)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Draw new episodes from ``seed``; returns the first observation ``(num_envs, num_slices, 12)``."""
@@ -162,12 +171,16 @@ class SlicingSimulator:
 
     def coordinate(self, requests: np.ndarray) -> tuple[np.ndarray, ...]:
         """Feasible shares, ADMM residuals and the capacity price per cell."""
-        if self.config.coordinator == "admm":
-            r = admm_allocate(
-                requests, rho=self.config.admm_rho, iterations=self.config.admm_iterations
-            )
-            return r.shares, r.primal_residual, r.dual_residual, self._no_residual
-        return project_capacity(requests), self._no_residual, self._no_residual, self._no_residual
+        c = self.config
+        r = coordinate(
+            requests,
+            self.slices.utility_weight,
+            method=c.coordinator,
+            objective=c.objective,
+            rho=c.admm_rho,
+            iterations=c.admm_iterations,
+        )
+        return r.shares, r.primal_residual, r.dual_residual, r.price
 
     def step(self, requests: np.ndarray) -> Step:
         if self.t >= self.config.episode_length:

@@ -76,7 +76,15 @@ from deepslicing.allocate import (
     slice_answers,
 )
 from deepslicing.config import check_int, from_mapping, option, to_dict
-from deepslicing.model import FEATURE_HIGH, FEATURES, NUM_FEATURES, Cell
+from deepslicing.coordinator import UTILITY_ITERATIONS, UTILITY_RHO
+from deepslicing.model import (
+    FEATURE_HIGH,
+    FEATURES,
+    NUM_FEATURES,
+    NUM_MEASURED_FEATURES,
+    Cell,
+    complete_features,
+)
 from deepslicing.ray_runtime import Ingress
 from serve_apps import schemas
 from serve_apps.security import KeyRing, TokenBuckets, read_keys
@@ -109,8 +117,8 @@ class ServeConfig:
     format: Literal["onnx", "int8", "torchscript"] = option(
         "onnx", "model file of an export directory (registered models are ONNX)"
     )
-    admm_rho: float = option(0.5, "guardrail ADMM penalty rho (> 0)")
-    admm_iterations: int = option(20, "guardrail ADMM iterations (1..10000)")
+    admm_rho: float = option(UTILITY_RHO, "guardrail ADMM penalty rho (> 0)")
+    admm_iterations: int = option(UTILITY_ITERATIONS, "guardrail ADMM iterations (1..10000)")
     qos_floor: float = option(
         0.0,
         "reserve this fraction of each slice's needed share before the policy's requests (0..1)",
@@ -642,6 +650,7 @@ def slice_inputs(cell: schemas.AllocateRequest) -> list[SliceInput]:
                 mean_demand=None if r is None else r.mean_demand,
                 spectral_efficiency=None if r is None else r.spectral_efficiency,
                 current_share=None if r is None else r.current_share,
+                previous_demand=None if r is None else r.previous_demand,
             )
         )
     return out
@@ -762,21 +771,26 @@ class Allocator:
         body = await parse(request, schemas.PredictRequest)
         service = self.service
         num_slices = service.policy.num_slices
-        expected = num_slices * NUM_FEATURES
-        if len(body.state) != expected:
+        # the measured 6 features per slice (18 floats for 3 slices), or all 12
+        widths = (NUM_MEASURED_FEATURES, NUM_FEATURES)
+        width = next((w for w in widths if len(body.state) == num_slices * w), None)
+        if width is None:
             return invalid_state(
-                f"must hold {expected} numbers ({num_slices} slices x {NUM_FEATURES} features), "
-                f"got {len(body.state)}"
+                f"must hold {num_slices * NUM_MEASURED_FEATURES} numbers ({num_slices} slices x "
+                f"{NUM_MEASURED_FEATURES} measured features) or {num_slices * NUM_FEATURES} "
+                f"({num_slices} x all {NUM_FEATURES} features), got {len(body.state)}"
             )
-        obs = np.asarray(body.state, dtype=np.float32).reshape(1, num_slices, NUM_FEATURES)
-        over = (obs < 0) | (obs > FEATURE_HIGH)
+        obs = np.asarray(body.state, dtype=np.float32).reshape(1, num_slices, width)
+        over = (obs < 0) | (obs > FEATURE_HIGH[:width])
         if over.any():
             i = int(np.flatnonzero(over.reshape(-1))[0])
             return invalid_state(
-                f"[{i}] (slice {i // NUM_FEATURES} {FEATURES[i % NUM_FEATURES]}) must be in "
-                f"[0, {FEATURE_HIGH[i % NUM_FEATURES]:g}], got {body.state[i]!r}",
+                f"[{i}] (slice {i // width} {FEATURES[i % width]}) must be in "
+                f"[0, {FEATURE_HIGH[i % width]:g}], got {body.state[i]!r}",
                 field=f"state.{i}",
             )
+        if width == NUM_MEASURED_FEATURES:
+            obs = complete_features(obs)
         requested = np.asarray(service.policy(obs), dtype=np.float64)
         need = obs[..., FEATURES.index("needed_share")].astype(np.float64)
         names = [s["name"] for s in service.policy.metadata["slices"]]

@@ -65,6 +65,13 @@ class Readings(BaseModel):
     current_share: float | None = Field(
         None, ge=0, le=1, description="share of the cell's PRBs the slice holds now"
     )
+    previous_demand: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_DEMAND,
+        description="offered demand of the interval before the last, same unit as demand: "
+        "the policy's short history (default: demand)",
+    )
 
 
 class SliceRequest(BaseModel):
@@ -111,7 +118,8 @@ class BatchRequest(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """The flat state: the model's slices x 6 features, slice by slice (18 floats for 3 slices)."""
+    """The flat state, slice by slice: the model's slices x the 6 measured features (18 floats for
+    3 slices; the derived ones take their single-reading defaults) or x all 12 features."""
 
     model_config = STRICT
     state: list[float] = Field(min_length=1, max_length=MAX_SLICES * NUM_FEATURES)

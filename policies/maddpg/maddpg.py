@@ -73,7 +73,7 @@ from ray.rllib.utils.metrics import (
 
 from deepslicing import metrics
 from deepslicing.config import ConfigError
-from deepslicing.coordinator import DEFAULT_ITERATIONS, DEFAULT_RHO, check_admm
+from deepslicing.coordinator import UTILITY_ITERATIONS, UTILITY_RHO, check_admm
 from envs.rllib_env import SlicingMultiAgentEnv
 from policies.constraints import (
     DEFAULT_COST_BUDGET,
@@ -110,8 +110,8 @@ class MADDPGConfig(AlgorithmConfig):
         self.actor_hiddens = (64, 64)
         self.critic_hiddens = (64, 64)
         self.variant = "both"
-        self.admm_rho = DEFAULT_RHO
-        self.admm_iterations = DEFAULT_ITERATIONS
+        self.admm_rho = UTILITY_RHO
+        self.admm_iterations = UTILITY_ITERATIONS
         self.cost_budget: CostBudget = DEFAULT_COST_BUDGET
         self.multiplier_lr = 0.05
         self.multiplier_max = 1.0
