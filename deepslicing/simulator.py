@@ -84,9 +84,7 @@ class SlicingConfig:
                 f"coordinator: must be 'projection' or 'admm', got {self.coordinator!r}"
             )
         if self.objective not in ("utility", "euclidean"):
-            raise ValueError(
-                f"objective: must be 'utility' or 'euclidean', got {self.objective!r}"
-            )
+            raise ValueError(f"objective: must be 'utility' or 'euclidean', got {self.objective!r}")
         check_admm(self.admm_rho, self.admm_iterations)
         if self.scenario == "trace" and not self.trace_path:
             raise ValueError("trace_path: the 'trace' scenario needs a trace CSV file")
