@@ -185,5 +185,5 @@ class ModelInfo(BaseModel):
     actor_kinds: list[str]
     features: list[str]
     cell: dict[str, float]
-    guardrail: dict[str, float | int | bool]
+    guardrail: dict[str, float | int | bool | str]
     metadata: dict

@@ -26,7 +26,7 @@ from deepslicing.export import (
     random_observations,
     untrained_actor_module,
 )
-from deepslicing.model import FEATURE_HIGH, FEATURES
+from deepslicing.model import FEATURE_HIGH, FEATURES, NUM_FEATURES
 from policies.maddpg.policy import load_actor_module
 
 SAMPLES = 10_000
@@ -116,7 +116,11 @@ def test_metadata_round_trips_and_matches_the_checkpoint(checkpoint, exported):
     assert metadata["source_checkpoint"] == str(checkpoint.resolve())
     assert metadata["model_version"].startswith("iter_000003-")
     assert metadata["files"] == FILES
-    assert metadata["input"]["name"] == "obs" and metadata["input"]["shape"] == ["batch", 3, 6]
+    assert metadata["input"]["name"] == "obs" and metadata["input"]["shape"] == [
+        "batch",
+        3,
+        NUM_FEATURES,
+    ]
     assert metadata["output"]["name"] == "shares" and metadata["output"]["shape"] == ["batch", 3]
     for spec, saved in zip(SLICES, metadata["slices"], strict=True):
         for key in ("name", "kind", "sst", "sd", "five_qi"):
@@ -128,8 +132,8 @@ def test_metadata_round_trips_and_matches_the_checkpoint(checkpoint, exported):
 
     module = load_actor_module(checkpoint)
     norm = metadata["normalization"]
-    assert np.array_equal(np.float32(norm["obs_shift"]), module.obs_shift.numpy())
-    assert np.array_equal(np.float32(norm["obs_scale"]), module.obs_scale.numpy())
+    assert np.array_equal(np.float32(norm["input_shift"]), module.input_shift.numpy())
+    assert np.array_equal(np.float32(norm["input_scale"]), module.input_scale.numpy())
     assert set(metadata["versions"]) >= {"torch", "onnx", "onnxruntime"}
     parity = metadata["parity"]
     assert parity["samples"] == SAMPLES
@@ -141,7 +145,7 @@ def test_metadata_round_trips_and_matches_the_checkpoint(checkpoint, exported):
     (graph_input,) = model.graph.input
     dims = graph_input.type.tensor_type.shape.dim
     assert graph_input.name == "obs" and dims[0].dim_param == "batch"
-    assert [d.dim_value for d in dims[1:]] == [3, 6]
+    assert [d.dim_value for d in dims[1:]] == [3, NUM_FEATURES]
     assert model.graph.output[0].name == "shares"
     props = {p.key: p.value for p in model.metadata_props}
     assert props["model_version"] == metadata["model_version"]
@@ -159,18 +163,17 @@ def test_run_dir_and_one_format_leave_only_that_file(run_dir, exported, tmp_path
     assert metadata["source_checkpoint"].endswith("iter_000003")
     with pytest.raises(FileNotFoundError, match="format: .* no int8 export"):
         load_exported(out, "int8")
-    with pytest.raises(ValueError, match=r"observation: the model takes \(batch, 3, 6\)"):
-        load_exported(out, "onnx")(np.zeros((2, 4, 6), np.float32))
+    with pytest.raises(
+        ValueError, match=rf"observation: the model takes \(batch, 3, {NUM_FEATURES}\)"
+    ):
+        load_exported(out, "onnx")(np.zeros((2, 4, NUM_FEATURES), np.float32))
 
 
 def test_twenty_slices_with_shared_actors(tmp_path):
-    module = untrained_actor_module(20, seed=3, share_parameters_by_kind=True)
-    generator = torch.Generator().manual_seed(4)
-    mean = torch.rand(20, 6, generator=generator) * torch.from_numpy(FEATURE_HIGH) / 2
-    std = 0.05 + torch.rand(20, 6, generator=generator)
-    module.set_obs_normalizer(mean, std)
+    module = untrained_actor_module(20, seed=3)
+    module.fit_normalizer(torch.from_numpy(random_observations(20, 512, seed=4)))
     metadata = export_module(module, tmp_path, info={"model_version": "twenty"})
-    assert metadata["actor"]["groups"] == [i % 3 for i in range(20)]
+    assert metadata["actor"]["slice_kinds"] == [("embb", "urllc", "mmtc")[i % 3] for i in range(20)]
     obs = random_observations(20, SAMPLES, seed=5)
     with torch.no_grad():
         reference = module.act(torch.from_numpy(obs)).numpy()
