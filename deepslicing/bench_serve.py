@@ -13,7 +13,7 @@ Serve's Python proxy actor (:mod:`deepslicing.ray_runtime`). The contenders:
 | `noop`    | a FastAPI ingress at ``/noop`` whose ``POST /allocate`` reads the request's body (``await request.body()``) and returns a small constant JSON; the same replica settings (1 replica, ``replica_cpus``, ``max_ongoing_requests``) |
 | `batch`   | ours, ``POST /allocate/batch`` with 500 cells of the operator payload's 3 slices (each cell its own seeded ``time_of_day``) |
 | `guardrail` | in-process, no HTTP: :func:`deepslicing.allocate.coordinate` with the default :class:`~deepslicing.allocate.Guardrail` (ADMM, rho 0.5, 20 iterations) on one 3-slice cell ``(1, 3)`` per call |
-| `cvxpy`   | in-process: the same problem, the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
+| `cvxpy`   | in-process: the same problem (the guardrail's Euclidean objective, ADMM rho 0.5 x 20), the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
 
 The noop reads the body because, behind the proxy, Serve's replica pulls a request's body from the
 proxy with one more actor call only when the app reads it. Every real endpoint must; a noop that
@@ -414,10 +414,13 @@ def guardrail_contenders(rng: np.random.Generator):
     """The guardrail and cvxpy as ``requested (1, 3) -> shares (1, 3)`` calls, the pool of
     requests they cycle through, and their largest disagreement on it (checked here)."""
     from deepslicing.allocate import Guardrail, coordinate
+    from deepslicing.coordinator import DEFAULT_ITERATIONS, DEFAULT_RHO
 
     requests = list(rng.random((GUARDRAIL_POOL, 1, NUM_SLICES)))
     need = rng.random((1, NUM_SLICES)) / NUM_SLICES
-    settings = Guardrail()
+    # the guardrail's Euclidean objective, the problem the cvxpy contender solves; the default
+    # utility objective is checked against cvxpy's LP in tests/test_coordinator.py instead
+    settings = Guardrail(DEFAULT_RHO, DEFAULT_ITERATIONS, objective="euclidean")
 
     def guardrail(requested: np.ndarray) -> np.ndarray:
         return coordinate(requested, need, settings)[0]
