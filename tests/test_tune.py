@@ -190,6 +190,9 @@ def test_pbt_sweep_logs_mutated_hyperparameters_as_metrics(tmp_path):
     assert len(runs) == 2
     for r in runs:
         history = client.get_metric_history(r.info.run_id, "hp/maddpg.actor_lr")
-        assert [m.step for m in history] == [1, 2, 3, 4]
+        # every iteration logged; a trial that PBT rewinds to another's checkpoint after it
+        # already reported a later iteration logs that iteration again (seen: [1, 2, 3, 3, 4])
+        steps = [m.step for m in history]
+        assert sorted(set(steps)) == [1, 2, 3, 4] and steps[:2] == [1, 2], steps
         # the param keeps the trial's first value; the metric follows PBT's changes
         assert history[0].value == pytest.approx(float(r.data.params["maddpg/actor_lr"]))
