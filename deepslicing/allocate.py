@@ -72,6 +72,7 @@ from deepslicing.coordinator import (
     UTILITY_RHO,
     Objective,
     check_admm,
+    check_objective,
 )
 from deepslicing.coordinator import coordinate as coordinate_shares
 from deepslicing.slices import KIND_DEFAULTS, KINDS, TARGET_BOUNDS
@@ -101,8 +102,7 @@ class Guardrail:
 
     def __post_init__(self) -> None:
         check_admm(self.rho, self.iterations)
-        if self.objective not in ("utility", "euclidean"):
-            raise ValueError(f"objective: must be 'utility' or 'euclidean', got {self.objective!r}")
+        check_objective(self.objective)
         if not (isinstance(self.qos_floor, int | float) and 0.0 <= self.qos_floor <= 1.0):
             raise ValueError(f"qos_floor: must be a number in [0, 1], got {self.qos_floor!r}")
 
@@ -231,15 +231,17 @@ def allocate_group(
     slices = slice_arrays(kind, targets, mean_demand)
     demand = _fill(column(lambda s: s.demand), mean_demand)
     efficiency = _fill(column(lambda s: s.spectral_efficiency), slices.mean_spectral_efficiency)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        need = model.needed_share(slices, cell, demand, efficiency)
-    # extreme but valid targets (a jitter of 1e-300 ms) overflow; cap them at an absurd need
-    need = np.where(need < MAX_NEED, need, MAX_NEED)  # NaN compares False: capped too
+
+    def capped_need(offered: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            need = model.needed_share(slices, cell, offered, efficiency)
+        # extreme but valid targets (a jitter of 1e-300 ms) overflow; cap them at an absurd need
+        return np.where(need < MAX_NEED, need, MAX_NEED)  # NaN compares False: capped too
+
+    need = capped_need(demand)
     current = _fill(column(lambda s: s.current_share), np.minimum(need, 1.0))
     previous = column(lambda s: s.previous_demand)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        previous_need = model.needed_share(slices, cell, _fill(previous, demand), efficiency)
-    previous_need = np.where(previous_need < MAX_NEED, previous_need, MAX_NEED)
+    previous_need = capped_need(_fill(previous, demand))
     single, two = forecast.start(need), forecast.update(forecast.start(previous_need), need)
     known = ~np.isnan(previous)
     history = forecast.Forecast(*(np.where(known, b, a) for a, b in zip(single, two, strict=True)))

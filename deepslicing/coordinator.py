@@ -82,7 +82,6 @@ knapsack); L. Condat, "Fast projection onto the simplex and the l1 ball", Math. 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numba
@@ -97,46 +96,20 @@ TIE_TOLERANCE = 1e-12  # value densities within this relative distance count as 
 
 Method = Literal["projection", "admm"]
 Objective = Literal["utility", "euclidean"]
+OBJECTIVES = ("utility", "euclidean")
 
 
 def project_capacity(v: np.ndarray) -> np.ndarray:
     """Euclidean projection of each row of ``v`` onto {z >= 0, sum z <= 1}."""
-    v = np.asarray(v, dtype=np.float64)
-    clipped = np.maximum(v, 0.0)
-    over = np.add.reduce(clipped, axis=-1, keepdims=True) > 1.0
-    if not over.any():
-        return clipped
-    # simplex threshold: tau = max_j (sum of the j largest entries - 1) / j
-    descending = np.sort(v, axis=-1)[..., ::-1]
-    ranks = np.arange(1.0, v.shape[-1] + 1.0)
-    tau = np.maximum.reduce((descending.cumsum(axis=-1) - 1.0) / ranks, axis=-1, keepdims=True)
-    return np.where(over, np.maximum(v - tau, 0.0), clipped)
-
-
-@dataclass(frozen=True)
-class AdmmResult:
-    """Feasible shares ``z`` and the last iteration's residuals (per batch row)."""
-
-    shares: np.ndarray
-    primal_residual: np.ndarray  # ||x - z||_2
-    dual_residual: np.ndarray  # rho ||z - z_prev||_2
+    return coordinate(v, objective="euclidean").shares
 
 
 def admm_allocate(
     requests: np.ndarray, *, rho: float = DEFAULT_RHO, iterations: int = DEFAULT_ITERATIONS
-) -> AdmmResult:
-    """Coordinate requested shares into a feasible allocation by ADMM (see module docstring)."""
-    check_admm(rho, iterations)
-    a = np.asarray(requests, dtype=np.float64)
-    rows = np.ascontiguousarray(a.reshape(-1, a.shape[-1]))
-    shares = np.empty_like(rows)
-    primal = np.empty(rows.shape[0])
-    dual = np.empty(rows.shape[0])
-    _admm_rows(rows, float(rho), iterations, shares, primal, dual, np.empty(rows.shape[0]))
-    return AdmmResult(
-        shares=shares.reshape(a.shape),
-        primal_residual=primal.reshape(a.shape[:-1]),
-        dual_residual=dual.reshape(a.shape[:-1]),
+) -> Coordination:
+    """ADMM on the Euclidean objective (see the module docstring)."""
+    return coordinate(
+        requests, method="admm", objective="euclidean", rho=rho, iterations=iterations
     )
 
 
@@ -146,8 +119,8 @@ def _admm_rows(a, rho, iterations, shares, primal, dual, price):  # pragma: no c
     cost 10 to 100 times the arithmetic. Same iteration as the module docstring; ``price`` gets
     rho x the mean dual u over the slices given a share."""
     num_rows, n = a.shape
-    ranks = np.arange(1.0, n + 1.0)
     no_cap = np.full(n, np.inf)
+    buffer = np.empty(n)
     for r in range(num_rows):
         z = np.zeros(n)
         u = np.zeros(n)
@@ -156,23 +129,13 @@ def _admm_rows(a, rho, iterations, shares, primal, dual, price):  # pragma: no c
         for _ in range(iterations):
             x = (a[r] + rho * (z - u)) / (1.0 + rho)
             z_prev = z
-            z = _project_row(x + u, ranks)
+            z = np.empty(n)
+            _project_into(x + u, z, buffer)
             u = u + x - z
         shares[r] = z
         primal[r] = np.sqrt(np.sum((x - z) ** 2))
         dual[r] = rho * np.sqrt(np.sum((z - z_prev) ** 2))
         price[r] = rho * _mean_served_dual(z, u, no_cap)
-
-
-@numba.njit(cache=True)
-def _project_row(v, ranks):  # pragma: no cover - compiled
-    """:func:`project_capacity` of one row."""
-    clipped = np.maximum(v, 0.0)
-    if clipped.sum() <= 1.0:
-        return clipped
-    descending = np.sort(v)[::-1]
-    tau = np.max((np.cumsum(descending) - 1.0) / ranks)
-    return np.maximum(v - tau, 0.0)
 
 
 class Coordination(NamedTuple):
@@ -210,10 +173,9 @@ def coordinate(
     lead = a.shape[:-1]
     shares = np.empty_like(rows)
     price = np.empty(rows.shape[0])
+    check_objective(objective)
     if objective == "utility":
         w = _weight_rows(weights, a.shape, n)
-    elif objective != "euclidean":
-        raise ValueError(f"objective: must be 'utility' or 'euclidean', got {objective!r}")
     if method == "projection":
         if objective == "utility":
             ok = _utility_rows(rows, w, shares, price)
@@ -438,6 +400,11 @@ def _mean_served_dual(z, u, cap):  # pragma: no cover - compiled
     if partial_count:
         return partial / partial_count
     return served / served_count if served_count else 0.0
+
+
+def check_objective(objective: object) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
 
 
 def check_admm(rho: float, iterations: int) -> None:

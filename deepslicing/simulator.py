@@ -20,7 +20,9 @@ from deepslicing.config import check_int, option
 from deepslicing.coordinator import (
     UTILITY_ITERATIONS,
     UTILITY_RHO,
+    Coordination,
     check_admm,
+    check_objective,
     coordinate,
 )
 from deepslicing.scenarios import check_scenario, generate, load_trace
@@ -83,8 +85,7 @@ class SlicingConfig:
             raise ValueError(
                 f"coordinator: must be 'projection' or 'admm', got {self.coordinator!r}"
             )
-        if self.objective not in ("utility", "euclidean"):
-            raise ValueError(f"objective: must be 'utility' or 'euclidean', got {self.objective!r}")
+        check_objective(self.objective)
         check_admm(self.admm_rho, self.admm_iterations)
         if self.scenario == "trace" and not self.trace_path:
             raise ValueError("trace_path: the 'trace' scenario needs a trace CSV file")
@@ -110,7 +111,6 @@ class Step:
     clipped: np.ndarray  # bool, the request was outside [0, 1] and was clipped
     primal_residual: np.ndarray  # (num_envs,) ADMM residuals (0 with the projection)
     dual_residual: np.ndarray
-    price: np.ndarray  # (num_envs,) the coordinator's capacity price (utility per share)
     done: bool
 
 
@@ -167,10 +167,10 @@ class SlicingSimulator:
         """The true needed shares of the interval the next step scores (for the oracle only)."""
         return self.need[:, self.t + 1]
 
-    def coordinate(self, requests: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Feasible shares, ADMM residuals and the capacity price per cell."""
+    def coordinate(self, requests: np.ndarray) -> Coordination:
+        """The feasible allocation of ``requests``, its capacity price and ADMM residuals."""
         c = self.config
-        r = coordinate(
+        return coordinate(
             requests,
             self.slices.utility_weight,
             method=c.coordinator,
@@ -178,7 +178,6 @@ class SlicingSimulator:
             rho=c.admm_rho,
             iterations=c.admm_iterations,
         )
-        return r.shares, r.primal_residual, r.dual_residual, r.price
 
     def step(self, requests: np.ndarray) -> Step:
         if self.t >= self.config.episode_length:
@@ -192,10 +191,9 @@ class SlicingSimulator:
         if np.isnan(requests).any():
             raise ActionError("actions: must not be NaN (requested shares are in [0, 1])")
         in_range = np.minimum(np.maximum(requests, 0.0), 1.0)
-        shares, primal, dual, price = self.coordinate(in_range)
+        shares, self.price, primal, dual = self.coordinate(in_range)
         self.t += 1
         self.shares = shares
-        self.price = price
         need = self.need[:, self.t]
         self.history = forecast.update(self.history, need)
         sat = model.satisfaction(shares, need)
@@ -208,7 +206,6 @@ class SlicingSimulator:
             clipped=in_range != requests,
             primal_residual=primal,
             dual_residual=dual,
-            price=price,
             done=self.t >= self.config.episode_length,
         )
 

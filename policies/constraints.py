@@ -50,8 +50,6 @@ def check_budget(budget: object) -> None:
         key = "cost_budget" if kind is None else f"cost_budget.{kind}"
         if kind is not None and kind not in KINDS:
             raise ValueError(f"{key}: must be one of the slice kinds {KINDS}")
-        if value is None and kind is not None:
-            continue
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
