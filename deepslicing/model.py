@@ -22,7 +22,7 @@ Per slice and interval:
   slices' rewards add up to the cell's utility, at most 1 per interval.
 - cost_i = 1 when slice i's SLA is violated, else 0. Costs are reported apart from rewards.
 
-Observation, 6 features per slice, all measured over the interval just finished:
+Observation, 12 features per slice, of the interval just finished:
 
 | index | name                  | meaning                                             | range   |
 |-------|-----------------------|-----------------------------------------------------|---------|

@@ -1,8 +1,10 @@
 """MADDPG (Lowe et al. 2017, arXiv:1706.02275) for network slicing on RLlib's new API stack.
 
-One agent per slice. Each slice's deterministic actor requests a share of the cell from its own
-6-feature observation; each slice's critic, used only while learning, sees every slice's
-observation and action. The coordinator (projection or ADMM) turns requests into a feasible
+One agent per slice. Each slice's deterministic actor (shared by the slices of its kind) requests
+a share of the cell from its own 12-feature observation; the critic, used only while learning,
+gives every slice a value Q_i from every slice's observation and action, invariant to their number
+and order (:mod:`policies.maddpg.torch.default_maddpg_torch_rl_module`). The coordinator
+(projection or ADMM, utility objective by default) turns requests into a feasible
 allocation, so capacity is never violated; SLA violations are costs, priced by Lagrange
 multipliers that :class:`policies.constraints.ConstraintCallback` adapts by dual ascent.
 
@@ -32,18 +34,19 @@ One ``training_step``: every env runner steps its ``num_envs_per_env_runner`` ce
 synchronized replay, and - once ``num_steps_sampled_before_learning_starts`` env steps exist - the
 learner makes ``updates_per_step`` gradient updates per new env step (an env step is one cell for
 one interval), each on ``train_batch_size_per_learner`` replayed rows, then the actors' weights go
-back to the env runners. At the first learning step the actors' and critics' observation
-standardisation is fitted to the warm-up data in the replay.
+back to the env runners. At the first learning step the input standardisation (per slice kind) is
+fitted to the warm-up data in the replay.
 
-Defaults (tuned on the `steady` scenario, 3 slices, on a 2-core machine): actors and critics
-64 x 64 ReLU; Adam, actor_lr 3e-4, critic_lr 1e-3; tau 0.01; gamma 0 (the traffic is exogenous:
+Defaults (first tuned on the `steady` scenario, 3 slices, on a 2-core machine; the default env of
+``deepslicing train`` is the `mix` scenario): actors and critic 64 x 64 ReLU; Adam, actor_lr 3e-4, critic_lr 1e-3; tau 0.01; gamma 0 (the traffic is exogenous:
 an allocation changes no future traffic and scores only its own interval, so the best policy is
 myopic and a per-interval critic is the easiest to learn); cooperative actors (each climbs the sum
 of all slices' critics, the cell's priced utility) with request_penalty 0.5 on requests beyond the
 cell (see :mod:`policies.maddpg.torch.maddpg_torch_learner`); batch 256; updates_per_step 0.5;
 exploration_noise 0.03 (share units); replay 100,000; 3,200 warm-up env steps; variant "both"
-with ADMM rho 0.5 x 20 iterations, cost_budget 0.25 (even the per-interval oracle, which knows the
-coming demand, leaves eMBB short in about a fifth of the intervals on this cell), multiplier_lr
+with the utility objective's ADMM (rho 2 x 100 iterations), cost_budget 0.25 for every kind (even
+the per-interval oracle, which knows the coming demand, leaves eMBB short in about a fifth of the
+intervals on this cell; docs/scorecard.md has the budget trade-off measured), multiplier_lr
 0.05, multiplier_max 1.0; one local env runner with 8 cells, 50 intervals per sample, and a local
 learner (num_learners=0). One iteration is at least 1,600 env steps, that is one 200-interval
 episode of every cell.
