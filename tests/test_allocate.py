@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepslicing import model
+from deepslicing import forecast, model
 from deepslicing.allocate import (
     MAX_NEED,
     TARGETS,
@@ -119,6 +119,35 @@ def test_an_actor_sees_only_its_own_slice_features():
     # slice 0 (urllc) sits at actor 1, slice 1 (embb) at actor 0; everything else is zero
     assert np.count_nonzero(obs[0, [0, 2]]) == 0 and np.count_nonzero(obs[1, [1, 2]]) == 0
     assert obs[0, 1, 5] == pytest.approx(0.75) and obs[1, 0, 5] == pytest.approx(0.75)
+
+
+def test_previous_demand_gives_the_actor_a_short_history():
+    seen = []
+
+    def recording(obs):
+        seen.append(obs.copy())
+        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
+
+    f = {name: i for i, name in enumerate(model.FEATURES)}
+    flat = SliceInput("eMBB", {"bandwidth_mbps": 50}, demand=40.0)
+    rising = SliceInput("eMBB", {"bandwidth_mbps": 50}, demand=40.0, previous_demand=20.0)
+    answer([[flat]], recording, times=[0.75])
+    answer([[rising]], recording, times=[0.75])
+    without, with_history = seen[0][0, 0], seen[1][0, 0]
+    need = without[f["needed_share"]]
+    # no history: the single-reading defaults (forecast = previous need = need)
+    assert without[f["need_forecast"]] == pytest.approx(need)
+    assert without[f["previous_need"]] == pytest.approx(need)
+    assert without[f["forecast_error"]] == pytest.approx(forecast.INITIAL_RELATIVE_ERROR * need)
+    # 20 Mbps before, 40 now: half the need before, and the forecaster after both intervals
+    assert with_history[f["previous_need"]] == pytest.approx(need / 2)
+    expected = forecast.update(forecast.start(np.array(need / 2)), np.array(need))
+    assert with_history[f["need_forecast"]] == pytest.approx(float(expected.next_need))
+    assert with_history[f["forecast_error"]] == pytest.approx(float(expected.error))
+    # time of day 0.75 as sin/cos in [0, 1]; no price known to the service
+    assert with_history[f["time_sin"]] == pytest.approx(0.0, abs=1e-6)
+    assert with_history[f["time_cos"]] == pytest.approx(0.5, abs=1e-6)
+    assert with_history[f["capacity_price"]] == 0.0
 
 
 def test_batch_of_mixed_sizes_keeps_order_and_equals_single_answers():

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -29,6 +30,7 @@ from ray import serve
 
 from deepslicing.allocate import InfeasibleError
 from deepslicing.export import export_untrained
+from deepslicing.model import complete_features
 from deepslicing.ray_runtime import METRICS_REPORT_INTERVAL_MS, init_ray
 from deepslicing.serving import OPERATOR_REQUEST, request
 from serve_apps.allocator import DEPLOYMENT_NAME, CellBatcher, ServeConfig, build_app
@@ -272,6 +274,11 @@ def test_predict_takes_the_flat_state_and_answers_feasible_shares(service):
     assert len(body["shares"]) == 3 and len(body["requested_shares"]) == 3
     assert all(0 <= r <= 1 for r in body["requested_shares"])
     assert sum(body["shares"]) <= 1 + 1e-9 and min(body["shares"]) >= 0
+    # all 12 features per slice: the 6 measured ones completed as the service completes them
+    full = complete_features(np.float32(state).reshape(3, 6)).reshape(-1).tolist()
+    status, twelve = post("/predict", {"state": full})
+    assert status == 200, twelve
+    np.testing.assert_allclose(twelve["requested_shares"], body["requested_shares"], rtol=1e-6)
 
 
 def test_health_is_open_and_the_rest_needs_a_key(service):
