@@ -109,30 +109,24 @@ def generate(
     """Sample ``num_envs`` episodes of ``horizon`` intervals for slices with the given means."""
     check_scenario(scenario)
     shape = (num_envs, horizon, len(kinds))
+    outage = np.ones(num_envs, dtype=bool) if scenario == "outage" else None
     if scenario == "trace":
         if trace is None:
             raise ScenarioError("trace_path: the 'trace' scenario needs a trace CSV file")
         demand = _replay(trace, rng, num_envs, horizon)
-    elif scenario == "mix":
-        draw = mix_draws(rng, num_envs, len(kinds))
-        multiplier = np.empty(shape)
-        for i, name in enumerate(MIX_SCENARIOS):
-            envs = np.flatnonzero(draw.scenario == i)
-            if envs.size:
-                multiplier[envs] = _MULTIPLIERS[name](rng, (envs.size, *shape[1:]), kinds)
-        multiplier *= (draw.load[:, None] * draw.slice_load)[:, None, :]
-        noise = rng.lognormal(-0.5 * DEMAND_NOISE_SIGMA**2, DEMAND_NOISE_SIGMA, size=shape)
-        demand = mean_demand * multiplier * noise
     else:
-        multiplier = _MULTIPLIERS[scenario](rng, shape, kinds)
+        if scenario == "mix":
+            draw = mix_draws(rng, num_envs, len(kinds))
+            multiplier = _mix_multiplier(rng, shape, kinds, draw)
+            outage = draw.outage
+        else:
+            multiplier = _MULTIPLIERS[scenario](rng, shape, kinds)
         noise = rng.lognormal(-0.5 * DEMAND_NOISE_SIGMA**2, DEMAND_NOISE_SIGMA, size=shape)
         demand = mean_demand * multiplier * noise
     fading = _ar1_lognormal(rng, shape, FADING_SIGMA, FADING_CORRELATION)
     se = mean_spectral_efficiency * fading
-    if scenario == "outage":
-        se = np.where(_outage_window(rng, num_envs, horizon)[:, :, None], se * OUTAGE_FACTOR, se)
-    elif scenario == "mix":
-        window = _outage_window(rng, num_envs, horizon) & draw.outage[:, None]
+    if outage is not None:
+        window = _outage_window(rng, num_envs, horizon) & outage[:, None]
         se = np.where(window[:, :, None], se * OUTAGE_FACTOR, se)
     se = np.clip(se, *SPECTRAL_EFFICIENCY_RANGE)
     return Traffic(demand=demand, spectral_efficiency=se)
@@ -148,6 +142,17 @@ def mix_draws(rng: np.random.Generator, num_envs: int, num_slices: int) -> MixDr
         rng.random(num_envs) < MIX_OUTAGE_PROBABILITY
     )
     return MixDraw(scenario=scenario, load=load, slice_load=slice_load, outage=outage)
+
+
+def _mix_multiplier(rng, shape, kinds, draw: MixDraw) -> np.ndarray:
+    """Each env's drawn scenario's multiplier (one call per scenario, on its envs), times the
+    env's cell and slice load factors."""
+    multiplier = np.empty(shape)
+    for i, name in enumerate(MIX_SCENARIOS):
+        envs = np.flatnonzero(draw.scenario == i)
+        if envs.size:
+            multiplier[envs] = _MULTIPLIERS[name](rng, (envs.size, *shape[1:]), kinds)
+    return multiplier * (draw.load[:, None] * draw.slice_load)[:, None, :]
 
 
 def _outage_window(rng, num_envs, horizon):
