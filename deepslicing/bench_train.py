@@ -157,10 +157,11 @@ def sac_config(hiddens: list[int], batch: int, utd: float, seed: int):
 
 def bare_learner(settings, seed: int):
     """Our MADDPG learner built outside Ray, and a replay filled with random joint transitions."""
+    from deepslicing.model import NUM_FEATURES
     from policies.maddpg.env_runner import joint_spaces
     from policies.maddpg.replay import SynchronizedReplay
 
-    num_slices, num_features = 3, 6
+    num_slices, num_features = 3, NUM_FEATURES
     observation_space, action_space = joint_spaces(num_slices)
     learner = settings.build_learner(
         env=None, spaces={"default_policy": (observation_space, action_space)}

@@ -146,3 +146,20 @@ def test_bench_serve_json_line(capsys):
     assert 0 <= result["guardrail_max_abs_diff_vs_cvxpy"] <= 1e-4
     assert result["cvxpy_solver"]
     assert "rps_ratio_vs_noop" in err  # progress goes to stderr
+
+
+def test_bench_train_bare_loop_updates_on_the_current_observation_layout():
+    """The bare-loop contender of `bench train` (5 minutes in full) builds and updates on replayed
+    rows of today's observation, no Ray needed."""
+    from deepslicing import metrics
+    from deepslicing.bench_train import bare_learner
+    from deepslicing.model import NUM_FEATURES
+    from policies.maddpg import MADDPGConfig
+
+    learner, replay = bare_learner(MADDPGConfig(), seed=0)
+    batches = replay.sample(2, 32)
+    assert batches["obs"].shape == (2, 32, 3, NUM_FEATURES)
+    result = learner.update_from_replay(batches)
+    losses = result["default_policy"]
+    for name in (metrics.CRITIC_LOSS, metrics.ACTOR_LOSS):
+        assert math.isfinite(losses[name].peek()), name  # RLlib's reduced stats
