@@ -7,7 +7,7 @@ Endpoints (JSON; bodies and rules in :mod:`serve_apps.schemas`, the OpenAPI docu
 |------------------------|-----|-----------------------------------------------------------------|
 | ``POST /allocate``     | yes | one cell: slices with SLA targets -> shares, PRBs, predicted QoS |
 | ``POST /allocate/batch`` | yes | many cells in one request                                    |
-| ``POST /predict``      | yes | the flat state (model slices x 6 features) -> shares            |
+| ``POST /predict``      | yes | the flat state (model slices x 6 or 12 features) -> shares      |
 | ``GET /model_info``    | yes | model version and source, slice layout, features, cell, guardrail |
 | ``GET /health``        | no  | 200 once the replica has its model                              |
 | ``GET /metrics``       | no  | the service's metrics in the Prometheus text format             |
