@@ -91,7 +91,27 @@ SERVE_LATENCY_MS = "deepslicing_request_latency_ms"  # histogram, tags endpoint,
 SERVE_REJECTIONS = "deepslicing_rejections"
 SERVE_SHARE = "deepslicing_allocation_share"  # gauge, tag slice: the last share given
 SERVE_SLA_RISK = "deepslicing_sla_risk"  # gauge, tag slice: the last 1 - min(1, share / need)
+SERVE_NEED = "deepslicing_slice_need"  # gauge, tag slice: the last needed share, in [0, 1]
+# gauges, tag slice, set only for slices with a bandwidth_mbps target whose request carries
+# readings (a measured demand): the predicted throughput, and what the SLA asks for at that
+# demand, min(demand, bandwidth_mbps); both in Mbps
+SERVE_THROUGHPUT_MBPS = "deepslicing_slice_throughput_mbps"
+SERVE_TARGET_MBPS = "deepslicing_slice_target_mbps"
+# gauge, tag model_version: when the served model was exported (Unix seconds; its metadata's
+# "created"), set when a replica loads it
+SERVE_MODEL_CREATED = "deepslicing_model_created_timestamp_seconds"
+SERVE_MAX_REPLICAS = "deepslicing_max_replicas"  # gauge: the autoscaling max_replicas in force
 SERVE_ADMM_RESIDUAL = "deepslicing_admm_primal_residual"  # histogram: worst cell of a request
 SERVE_ALLOCATIONS = "deepslicing_slice_allocations"  # counter: slice allocations answered
 SERVE_LATENCY_BOUNDARIES_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 SERVE_RESIDUAL_BOUNDARIES = (1e-12, 1e-9, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+
+# --- a training job's Prometheus metrics --------------------------------------------------------
+# Recorded through ray.util.metrics by deepslicing.training_metrics once per training iteration
+# (`deepslicing train`, and every trial of `deepslicing tune`), tag run: the run directory's name
+# or the Tune trial's name; exported like the service's, with a "ray_" prefix.
+TRAIN_ITERATIONS = "deepslicing_train_iterations"  # counter: iterations finished
+TRAIN_ENV_STEPS_PER_S = "deepslicing_train_env_steps_per_s"  # gauge: env_steps_per_s
+TRAIN_UTILITY = "deepslicing_train_utility"  # gauge: utility_mean
+TRAIN_SLA_VIOLATION_RATE = "deepslicing_train_sla_violation_rate"  # gauge: sla_violation_rate
+TRAIN_MULTIPLIER = "deepslicing_train_multiplier"  # gauge, tag slice: multiplier/<slice>

@@ -48,6 +48,7 @@ from deepslicing.config import check_int, from_mapping, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from deepslicing.train import MaddpgSettings, TrainConfig, algorithm_config
+from deepslicing.training_metrics import TrainingMetrics
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 SECTIONS = ("env", "maddpg")
@@ -237,8 +238,10 @@ def train_trial(params: dict[str, Any]) -> None:
                 algo.restore_from_path(directory)
                 start = int((Path(directory) / "iteration").read_text())
         every = 1 if sweep["scheduler"] == "pbt" else sweep["checkpoint_every"]
+        exported = TrainingMetrics(tune.get_context().get_trial_name())
         for iteration in range(start + 1, sweep["max_iterations"] + 1):
             summary = dict(algo.train()[metrics.SECTION])
+            exported.record(summary)
             summary[metrics.OBJECTIVE] = metrics.objective(
                 summary[metrics.UTILITY_MEAN], summary[metrics.SLA_VIOLATION_RATE]
             )

@@ -21,6 +21,8 @@ MLflow (``tracking``): the run is logged to ``tracking_uri`` (default ``MLFLOW_T
 ``sqlite:///mlflow.db``) in ``experiment``: the resolved config as params, the headline metrics per
 iteration, the final checkpoint and evaluation as artifacts. When the store cannot be reached the
 command says so and trains anyway, results landing in the run directory, and exits with code 3.
+Every iteration's progress is also a Prometheus metric, tag ``run`` the run directory's name
+(:mod:`deepslicing.training_metrics`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from deepslicing import metrics
 from deepslicing.config import ConfigError, check_int, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
+from deepslicing.training_metrics import TrainingMetrics
 from policies.constraints import DEFAULT_COST_BUDGET, check_budget
 from policies.maddpg import VARIANTS, MADDPGConfig
 
@@ -402,10 +405,12 @@ def train_loop(config: TrainConfig, state: dict[str, Any] | None, tracker) -> Pa
                 flush=True,
             )
         checkpoint = Path(state["checkpoint"]) if state else None
+        exported = TrainingMetrics(run_dir.name)
         for iteration in range(start + 1, config.iterations + 1):
             began = time.perf_counter()
             result = algo.train()
             summary = result[metrics.SECTION]
+            exported.record(summary)
             append_progress(run_dir, iteration, summary)
             print(
                 progress_line(

@@ -31,7 +31,9 @@ Metrics: recorded with ``ray.serve.metrics`` (names in :mod:`deepslicing.metrics
 aggregates per node and exports at each node's metrics port for Prometheus; ``GET /metrics``
 returns this node's copy of the service's families. A replica tallies requests in plain Python and
 hands them to Ray every ``FLUSH_PERIOD_S`` (a Ray record per request would cost more than the
-guardrail); Ray reports them every few seconds.
+guardrail); Ray reports them every few seconds. Prometheus scrape config, recording and alert
+rules: ``cluster/prometheus/``; the Grafana dashboard: ``cluster/grafana/`` (panels and queries in
+``docs/observability.md``).
 
 Under load, the ``/allocate`` cells waiting in a replica at the same moment are answered with one
 allocation (:class:`CellBatcher`); a request that finds the replica idle never waits for others.
@@ -46,6 +48,7 @@ Serve's ingress (see ``cluster/README.md``).
 # and FastAPI must see ``Request`` as a class, not a string.
 import asyncio
 import dataclasses
+import datetime
 import functools
 import gc
 import logging
@@ -306,11 +309,29 @@ class ServiceMetrics:
             list(metrics.SERVE_RESIDUAL_BOUNDARIES),
         )
         self.allocations = Counter(metrics.SERVE_ALLOCATIONS, "slice allocations answered")
+        self.need = Gauge(metrics.SERVE_NEED, "last needed share of a slice", ("slice",))
+        self.throughput = Gauge(
+            metrics.SERVE_THROUGHPUT_MBPS,
+            "last predicted throughput (Mbps) of a slice with a bandwidth target and readings",
+            ("slice",),
+        )
+        self.target = Gauge(
+            metrics.SERVE_TARGET_MBPS,
+            "throughput (Mbps) the SLA asks for at the slice's last demand, min(demand, target)",
+            ("slice",),
+        )
+        self.model_created = Gauge(
+            metrics.SERVE_MODEL_CREATED,
+            "when the served model was exported (Unix seconds)",
+            ("model_version",),
+        )
+        self.max_replicas = Gauge(metrics.SERVE_MAX_REPLICAS, "autoscaling max_replicas")
         self._latencies: dict[tuple[str, str], list[float]] = {}
         self._rejected: dict[str, int] = {}
         self._residuals: list[float] = []
         self._allocated = 0
-        self._slices: dict[str, tuple[float, float]] = {}
+        self._slices: dict[str, tuple[float, float, float]] = {}
+        self._throughputs: dict[str, tuple[float, float]] = {}
         self._flusher: asyncio.Task | None = None
 
     def request(self, endpoint: str, status: int, ms: float) -> None:
@@ -321,12 +342,27 @@ class ServiceMetrics:
     def rejection(self, reason: str) -> None:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
 
-    def answered(self, residual: float, allocations: int, slices: list[dict]) -> None:
-        """A request's worst ADMM residual, its slice allocations, and per-slice share and risk."""
+    def answered(
+        self, residual: float, allocations: int, slices: list[dict], inputs: list[SliceInput]
+    ) -> None:
+        """A request's worst ADMM residual, its slice allocations, and per-slice share, need and
+        risk (answers ``slices`` of ``inputs``); throughput against target where a slice has a
+        bandwidth target and its readings a demand."""
         self._residuals.append(residual)
         self._allocated += allocations
-        for a in slices:
-            self._slices[a["name"]] = (a["share"], a["sla_risk"])
+        for a, s in zip(slices, inputs, strict=True):
+            self._slices[a["name"]] = (a["share"], a["needed_share"], a["sla_risk"])
+            target = s.targets.get("bandwidth_mbps")
+            if target is not None and s.demand is not None:
+                wanted = min(s.demand, target)
+                self._throughputs[a["name"]] = (a["expected_throughput_mbps"], wanted)
+
+    def loaded(self, service: "Service") -> None:
+        """The model a replica serves now and its autoscaling ceiling."""
+        created = datetime.datetime.fromisoformat(service.policy.metadata["created"])
+        tags = {"model_version": service.model_version}
+        self.model_created.set(created.timestamp(), tags=tags)
+        self.max_replicas.set(service.config.max_replicas)
 
     def flush(self) -> None:
         latencies, self._latencies = self._latencies, {}
@@ -334,6 +370,7 @@ class ServiceMetrics:
         residuals, self._residuals = self._residuals, []
         allocated, self._allocated = self._allocated, 0
         slices, self._slices = self._slices, {}
+        throughputs, self._throughputs = self._throughputs, {}
         for (endpoint, status), values in latencies.items():
             tags = {"endpoint": endpoint, "status": status}
             self.requests.inc(len(values), tags=tags)
@@ -345,9 +382,13 @@ class ServiceMetrics:
             self.residual.observe(residual)
         if allocated:
             self.allocations.inc(allocated)
-        for name, (share, risk) in slices.items():
+        for name, (share, need, risk) in slices.items():
             self.share.set(share, tags={"slice": name})
+            self.need.set(need, tags={"slice": name})
             self.sla_risk.set(risk, tags={"slice": name})
+        for name, (throughput, target) in throughputs.items():
+            self.throughput.set(throughput, tags={"slice": name})
+            self.target.set(target, tags={"slice": name})
 
     async def _flush_forever(self) -> None:
         while True:
@@ -707,6 +748,7 @@ class Allocator:
         gc.freeze()
         self.service = service  # one reference swap: requests in flight keep the old model
         Current.service = service
+        service_metrics().loaded(service)
         logger.info("serving model %s from %s", service.model_version, service.model_uri)
 
     def check_health(self) -> None:
@@ -763,7 +805,8 @@ class Allocator:
                 }
             )
             worst = max(worst, float(result.primal_residual[row]))
-        m.answered(worst, sum(len(s) for s in inputs), answers[-1]["slices"] if gauges else [])
+        last = (answers[-1]["slices"], inputs[-1]) if gauges else ([], [])
+        m.answered(worst, sum(len(s) for s in inputs), *last)
         return answers
 
     @post_json("/predict", schemas.PredictRequest, schemas.PredictResponse)
