@@ -86,6 +86,11 @@ COMMANDS = (
         "deepslicing.compare:CompareConfig:run",
         "compare the runs of an MLflow experiment: table of params and metrics, and a plot",
     ),
+    Command(
+        "dashboard",
+        "deepslicing.dashboard:DashboardConfig:run",
+        "write the Grafana dashboard of the service and training (cluster/grafana/deepslicing.json)",
+    ),
 )
 
 
