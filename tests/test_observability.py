@@ -363,6 +363,19 @@ def test_every_recording_rule_returns_series_with_its_labels(prometheus, load, c
     for record, series in found.items():
         for s in series:
             assert RECORDED_LABELS[record] <= set(s["metric"]), (record, s["metric"])
+
+    def value(record: str, **labels: str) -> float:
+        (match,) = [s for s in found[record] if labels.items() <= s["metric"].items()]
+        return float(match["value"][1])
+
+    rate = "application_endpoint_status:deepslicing_requests:rate5m"
+    assert value(rate, endpoint="/allocate", status="200") > 0
+    p95 = "application_endpoint:deepslicing_request_latency_ms:quantile_rate5m"
+    assert 0 < value(p95, endpoint="/allocate", quantile="0.95") < 5000
+    deviation = "application_slice:deepslicing_throughput_deviation:ratio"
+    assert [s["metric"]["slice"] for s in found[deviation]] == ["eMBB"]  # the one with readings
+    age = "application_model_version:deepslicing_model_age:days"
+    assert 0 <= value(age, model_version="obs-model") < 1
     assert {s["metric"]["run"] for s in found["run:deepslicing_train_iterations:rate5m"]} == {
         TRAIN_RUN
     }
