@@ -39,6 +39,10 @@ METRICS_REPORT_INTERVAL_MS = 2000
 Ingress = Literal["auto", "proxy", "haproxy"]
 INGRESSES = get_args(Ingress)
 HAPROXY_DRAIN_S = 2  # seconds a stopping replica keeps serving while HAProxy drops it
+# every endpoint is free of side effects, so a request whose replica refused it, closed without an
+# answer or answered garbage is retried on another (Ray's default retries only refused connects;
+# measured on the replica-kill test: 3-4 failed requests per kill before, 0-3 after)
+HAPROXY_RETRY_ON = "conn-failure empty-response junk-response 502"
 
 # rewrites `bind :PORT` and `bind *:PORT` (stats page, Prometheus exporter) to `bind HOST:PORT`,
 # leaves the HTTP frontend (already `bind HOST:PORT`) alone, then becomes HAProxy (same pid and
@@ -120,6 +124,7 @@ def haproxy_environment(host: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(HAPROXY_DRAIN_S),
+        "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
     }
 
 

@@ -17,6 +17,7 @@ it; the printed curl command reads it from there, so the key never appears on sc
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import secrets
@@ -107,17 +108,27 @@ def stop() -> None:
 def request(
     url: str, method: str, path: str, body: Any = None, key: str | None = None, timeout: float = 30
 ) -> tuple[int, Any]:
-    """One HTTP request; returns the status and the decoded JSON (or text) body."""
+    """One HTTP request; returns the status and the decoded JSON (or text) body. A connection
+    closed before any answer is tried once more."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers[API_KEY_HEADER] = key
     req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
+    for attempt in range(2):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+            break
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+            break
+        except http.client.RemoteDisconnected:
+            # closed before any byte of an answer: HAProxy drops connections it has accepted but
+            # not yet read when Serve reloads it, and closes the client's when a replica dies
+            # under it; every endpoint is free of side effects, so a second try is safe
+            if attempt:
+                raise
     try:
         return status, json.loads(raw)
     except ValueError:
