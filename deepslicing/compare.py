@@ -10,12 +10,14 @@ prints one row per run, best first by ``sort``:
 | `utility_mean`         | the run's last `utility_mean`                                              |
 | `sla_violation_rate`   | the run's last `sla_violation_rate`                                        |
 | `objective`            | the run's last `objective`, else computed from the two above (metrics.objective) |
-| `resource_usage`       | the run's last `resource_usage` (or `eval/resource_usage`), when any run logged it |
+| `eval/objective`       | the final evaluation's `objective` (training runs), when any run logged it |
+| `suite/objective`      | the registry suite's score, when any run's checkpoint was registered       |
 
 Param names are shown with dots: Tune's ``MLflowLoggerCallback`` logs ``maddpg/actor_lr`` and
 ``deepslicing train`` logs ``maddpg.actor_lr``; both read ``maddpg.actor_lr``, so sweeps, training
 runs and registrations (``deepslicing-registry``) compare the same way. Metric names are those of
-:mod:`deepslicing.metrics`.
+:mod:`deepslicing.metrics`, with the same meaning as there and in the MLflow UI: the first three
+columns are the training rollout's, the ``eval/`` and ``suite/`` columns the measured policy's.
 
 Outputs in ``out``: ``compare.csv`` (every run, all the columns) and ``compare.png``: utility
 against SLA violation rate per run (the upper left is better; colour = objective; numbers = table
@@ -41,9 +43,9 @@ METRIC_COLUMNS = (
     metrics.UTILITY_MEAN,
     metrics.SLA_VIOLATION_RATE,
     metrics.OBJECTIVE,
-    metrics.RESOURCE_USAGE,
+    f"{metrics.EVAL}/{metrics.OBJECTIVE}",
+    metrics.SUITE_SCORE,
 )
-FALLBACKS = {metrics.RESOURCE_USAGE: (f"eval/{metrics.RESOURCE_USAGE}",)}
 HIDDEN_PARAM_WORDS = ("run_dir", "checkpoint", "trial_id", "logdir", "out", "tracking_uri", "path")
 MAX_PARAM_COLUMNS = 6
 DPI = 110
@@ -52,8 +54,8 @@ DPI = 110
 @dataclass(frozen=True)
 class CompareConfig:
     """Compare the runs of an MLflow experiment (sweep trials, training runs or registrations):
-    print a table of the params that vary, utility, SLA violation rate, objective and resource
-    usage, best first, and write OUT/compare.csv and OUT/compare.png."""
+    print a table of the params that vary, utility, SLA violation rate, objective and the
+    evaluation and suite objectives, best first, and write OUT/compare.csv and OUT/compare.png."""
 
     experiment: str = option("", "required: the MLflow experiment, e.g. deepslicing-sweeps")
     tracking_uri: str | None = option(
@@ -63,7 +65,7 @@ class CompareConfig:
     sort: str = option(
         metrics.OBJECTIVE,
         "metric to sort by (best first; lower is better for sla_violation_rate), e.g. "
-        "objective, utility_mean, sla_violation_rate, suite_score",
+        "objective, utility_mean, sla_violation_rate, suite/objective",
     )
     max_rows: int = option(20, "rows the printed table shows (the CSV and plot have every run)")
 
@@ -117,9 +119,8 @@ def load_runs(experiment: str, uri: str) -> list[dict[str, Any]]:
 
 def metric_value(run: dict[str, Any], name: str) -> float | None:
     found = run["metrics"]
-    for key in (name, *FALLBACKS.get(name, ())):
-        if key in found and math.isfinite(found[key]):
-            return float(found[key])
+    if name in found and math.isfinite(found[name]):
+        return float(found[name])
     if name == metrics.OBJECTIVE:
         utility = metric_value(run, metrics.UTILITY_MEAN)
         violations = metric_value(run, metrics.SLA_VIOLATION_RATE)

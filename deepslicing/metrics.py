@@ -1,30 +1,51 @@
-"""Metric names, in one place for the learner's logging, Tune and MLflow.
+"""Metric names, in one place for the learner's logging, Tune, MLflow and ``deepslicing compare``.
 
-MADDPG's training result (``Algorithm.train()``) holds these under ``result[SECTION]``, one flat
-dict per iteration, so Tune metrics read ``"deepslicing/utility_mean"`` and MLflow logs the same
-names. Units: utility and returns are the model's per-interval cell utility (at most 1 per
-interval, see :mod:`deepslicing.model`); rates are fractions in [0, 1]; multipliers are in utility
-per unit of cost (cost 1 = one slice-interval in SLA violation).
+One vocabulary: a name means the same thing wherever it appears. MADDPG's training result
+(``Algorithm.train()``) holds the training metrics under ``result[SECTION]``, one flat dict per
+iteration, so Tune metrics read ``"deepslicing/utility_mean"`` and MLflow logs the same names.
+Measurements of a finished policy carry a prefix saying which measurement they are: ``eval/`` (a
+training run's final evaluation on traffic it never saw) and ``suite/`` (the registry's suite that
+the champion gate compares). The MLflow UI's chart view groups metrics by the part before the first
+``/``, so each prefix (and each per-slice family) is one section.
 
-| name                        | meaning                                                                  |
-|-----------------------------|--------------------------------------------------------------------------|
-| `episode_return_mean`       | mean over recent episodes of the sum over intervals of the cell utility  |
-| `utility_mean`              | mean over recent episodes of the mean per-interval cell utility          |
-| `sla_violation_rate`        | share of recent (interval, slice) pairs in SLA violation                 |
-| `episode_cost/<slice>`      | this iteration's mean per-interval cost (violation rate) of one slice    |
-| `multiplier/<slice>`        | the Lagrange multiplier of a slice's SLA after this iteration's update   |
-| `cost_budget/<slice>`       | the slice's allowed violation rate (its kind's budget)                   |
-| `budget_unreachable/<slice>`| 1 when the multiplier sits at its cap and the slice is still over budget |
-| `capacity_violations`       | allocations this iteration that broke sum <= 1 or share >= 0 (must be 0) |
-| `env_steps_per_s`           | env steps (one cell, one interval) per wall-clock second, sampling and learning together |
-| `admm_primal_residual_mean` | mean over steps of the ADMM primal residual ||x - z|| (0 with projection) |
-| `admm_dual_residual_mean`   | mean over steps of the ADMM dual residual rho ||z - z_prev||             |
-| `critic_loss`, `actor_loss` | mean MADDPG losses over this iteration's updates                          |
-| `q_mean`                    | mean critic value Q_i(o, a) over this iteration's batches                 |
-| `objective`                 | what sweeps optimise: utility_mean - SLA_PENALTY x sla_violation_rate     |
-| `suite_score`               | registry: mean over the evaluation suite's scenarios of `objective`      |
-| `resource_usage`            | evaluation: mean sum of allocated shares per interval, in [0, 1]         |
-| `hp/<key>`                  | a swept hyperparameter's current value (PBT changes them mid-trial)       |
+Units: utility and returns are the model's per-interval cell utility (at most 1 per interval, see
+:mod:`deepslicing.model`); rates are fractions in [0, 1]; multipliers are in utility per unit of
+cost (cost 1 = one slice-interval in SLA violation). Step = training iteration everywhere; the
+``eval/`` and ``suite/`` metrics sit at the step of the checkpoint they measured.
+
+Logged in (checked by ``tests/test_mlflow_ui.py``): `train` = a ``deepslicing train`` run;
+`trial` = a sweep trial's run (``deepslicing tune``); `model` = the MLflow logged model of a
+registered checkpoint (and its training run). ``<slice>`` is a slice name, ``<scenario>`` a suite
+or evaluation scenario, ``<m>`` one of ``utility_mean``, ``sla_violation_rate``, ``objective``,
+``resource_usage``.
+
+| name                          | logged in    | meaning                                                              |
+|-------------------------------|--------------|----------------------------------------------------------------------|
+| `episode_return_mean`         | train, trial | mean over recent episodes of the sum over intervals of the cell utility |
+| `utility_mean`                | train, trial | mean over recent training episodes of the mean per-interval cell utility |
+| `sla_violation_rate`          | train, trial | share of recent training (interval, slice) pairs in SLA violation    |
+| `objective`                   | train, trial | utility_mean - SLA_PENALTY x sla_violation_rate (what sweeps optimise) |
+| `episode_cost/<slice>`        | train, trial | this iteration's mean per-interval cost (violation rate) of one slice |
+| `multiplier/<slice>`          | train, trial | the Lagrange multiplier of a slice's SLA after this iteration's update |
+| `cost_budget/<slice>`         | train, trial | the slice's allowed violation rate (its kind's budget)               |
+| `budget_unreachable/<slice>`  | train, trial | 1 when the multiplier sits at its cap and the slice is still over budget |
+| `capacity_violations`         | train, trial | allocations this iteration that broke sum <= 1 or share >= 0 (must be 0) |
+| `env_steps_per_s`             | train, trial | env steps (one cell, one interval) per wall-clock second, sampling and learning |
+| `admm_primal_residual_mean`   | train, trial | mean over steps of the ADMM primal residual norm(x - z) (0 with projection) |
+| `admm_dual_residual_mean`     | train, trial | mean over steps of the ADMM dual residual rho norm(z - z_prev)     |
+| `critic_loss`, `actor_loss`   | train, trial | mean MADDPG losses over this iteration's updates                     |
+| `q_mean`                      | train, trial | mean critic value Q_i(o, a) over this iteration's batches            |
+| `hp/<key>`                    | trial        | a swept hyperparameter's current value (PBT changes them mid-trial)  |
+| `eval/<m>`                    | train        | final evaluation: mean over its scenarios of the trained policy's `<m>` |
+| `eval/<scenario>/<m>`         | train        | final evaluation: the trained policy's `<m>` on one scenario          |
+| `suite/objective`             | model        | the champion gate's score: mean over the suite's scenarios of `objective`; also a version tag |
+| `suite/<m>`                   | model        | registry suite: mean over its scenarios of `<m>`                     |
+| `suite/<scenario>/<m>`        | model        | registry suite: `<m>` on one scenario                                |
+
+In the ``eval/`` and ``suite/`` rows, `utility_mean` is the mean per-interval cell utility over
+the measurement's episodes, `sla_violation_rate` its share of (interval, slice) pairs in
+violation, `objective` the same formula as in training, and `resource_usage` the mean sum of
+allocated shares per interval, in [0, 1].
 
 ``SLA_PENALTY`` = 0.25 utility per unit of violation rate: a policy that keeps utility but violates
 SLAs 10 % less often gains 0.025, about the utility gap between the best heuristic and MADDPG.
@@ -50,9 +71,11 @@ ACTOR_LOSS = "actor_loss"
 Q_MEAN = "q_mean"
 NUM_UPDATES = "num_updates"
 OBJECTIVE = "objective"
-SUITE_SCORE = "suite_score"  # registry: mean over scenarios of objective()
 RESOURCE_USAGE = "resource_usage"
 HYPERPARAMETER = "hp"  # per swept key: f"{HYPERPARAMETER}/{key}"
+EVAL = "eval"  # prefix of a training run's final evaluation
+SUITE = "suite"  # prefix of the registry suite
+SUITE_SCORE = f"{SUITE}/{OBJECTIVE}"  # the champion gate's score
 SLA_PENALTY = 0.25
 
 ALL = (
@@ -79,6 +102,59 @@ def per_slice(name: str, slice_name: str) -> str:
 def objective(utility_mean: float, sla_violation_rate: float) -> float:
     """The sweep objective: utility with a penalty per unit of SLA violation rate."""
     return utility_mean - SLA_PENALTY * sla_violation_rate
+
+
+def vocabulary() -> list[tuple[str, tuple[str, ...]]]:
+    """The table of this module's docstring as data: one ``(name, logged_in)`` per name, e.g.
+    ``("multiplier/<slice>", ("train", "trial"))``; names keep their ``<placeholders>``."""
+    rows = []
+    for line in (__doc__ or "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) != 3:
+            continue
+        names = [n.strip().strip("`") for n in cells[0].split(",")]
+        where = tuple(w.strip() for w in cells[1].split(","))
+        rows.extend((name, where) for name in names)
+    return rows
+
+
+def with_objective(summary: dict[str, float]) -> dict[str, float]:
+    """A training iteration's summary with its ``objective`` added."""
+    return {
+        **summary,
+        OBJECTIVE: objective(summary[UTILITY_MEAN], summary[SLA_VIOLATION_RATE]),
+    }
+
+
+PER_SLICE = (EPISODE_COST, MULTIPLIER, COST_BUDGET, BUDGET_UNREACHABLE)
+
+
+def is_training_metric(name: str) -> bool:
+    """Whether ``name`` is one of the per-iteration training metrics (the table's `train` rows,
+    and `hp/<key>`)."""
+    prefix, _, rest = name.partition("/")
+    return name in ALL or (prefix in (*PER_SLICE, HYPERPARAMETER) and bool(rest))
+
+
+def scenario_metrics(prefix: str, rows: list[dict]) -> dict[str, float]:
+    """``<prefix>/<m>`` (mean over scenarios) and ``<prefix>/<scenario>/<m>`` of one policy's
+    evaluation rows (:mod:`deepslicing.evaluation` summary rows, one per scenario)."""
+    per_scenario = {
+        row["scenario"]: {
+            UTILITY_MEAN: float(row["utility_mean"]),
+            SLA_VIOLATION_RATE: float(row["violation_rate"]),
+            OBJECTIVE: objective(float(row["utility_mean"]), float(row["violation_rate"])),
+            RESOURCE_USAGE: float(row["resource_usage"]),
+        }
+        for row in rows
+    }
+    out = {
+        f"{prefix}/{name}": sum(m[name] for m in per_scenario.values()) / len(per_scenario)
+        for name in (UTILITY_MEAN, SLA_VIOLATION_RATE, OBJECTIVE, RESOURCE_USAGE)
+    }
+    for scenario, values in per_scenario.items():
+        out.update({f"{prefix}/{scenario}/{name}": value for name, value in values.items()})
+    return out
 
 
 # --- the allocation service's Prometheus metrics ---------------------------------------------

@@ -4,25 +4,26 @@ Steps, for one MADDPG checkpoint (the best trial of a sweep, or ``--checkpoint P
 
 1. **Suite.** Every scenario of ``scenario`` (default ``all``: the synthetic ones), ``episodes``
    episodes each, traffic seeded by ``seed``, on the cell the checkpoint was trained for (its
-   ``env_config``, with its own coordinator settings). Score (``suite_score`` in
+   ``env_config``, with its own coordinator settings). Score (``suite/objective`` in
    :mod:`deepslicing.metrics`) = mean over the scenarios of
    ``objective(utility_mean, violation_rate)``; higher is better.
 2. **Export** to ``out`` (ONNX always; TorchScript and int8 when ``format`` asks), with
    ``metadata.json``, via :mod:`deepslicing.export`.
-3. **MLflow run** in ``experiment``: suite settings as params, the score, the suite means and the
-   per-scenario metrics (``<scenario>/utility_mean``, ``<scenario>/sla_violation_rate``,
-   ``<scenario>/objective``, ``<scenario>/resource_usage``); the model logged with the ONNX flavour
-   (``metadata.json`` in its ``extra_files``); the export directory and the suite table as
-   artifacts.
-4. **Registry.** The model becomes a new version of ``model_name`` (``deepslicing-allocator``). The
-   version carries the score and the suite settings as tags (``suite_score``, ``suite_scenarios``,
-   ``suite_episodes``, ``suite_seed``, ``suite_cell``).
+3. **Logged model** (:mod:`deepslicing.lineage`): the ONNX actors are logged as an MLflow logged
+   model of the run that trained the checkpoint (``run_id``, else the one in the run directory's
+   ``state.json``; without one, a registration run in ``experiment``), with a signature and input
+   example from ``metadata.json``, and the suite metrics (``suite/<m>``,
+   ``suite/<scenario>/<m>``) linked to the model and the run.
+4. **Registry.** The logged model becomes a new version of ``model_name``
+   (``deepslicing-allocator``), its source that model and its run the training run. The version
+   carries the score and the suite settings as tags (``suite/objective``, ``suite_scenarios``,
+   ``suite_episodes``, ``suite_seed``, ``suite_cell``, ``run_id``).
 5. **Champion/challenger gate.** The alias ``alias`` (``champion``) moves to the new version only if
    its score is strictly better than the current champion's; with no champion the new version takes
    the alias. The decision (``gate_decision`` = ``promoted`` | ``kept_champion``), both scores
    (``challenger_score``, ``champion_score``), the champion's version and where its score came
-   from (``champion_score_source`` = ``recorded`` | ``re-evaluated`` | ``none``) are tags on the run
-   and on the new version.
+   from (``champion_score_source`` = ``recorded`` | ``re-evaluated`` | ``none``) are tags on the
+   new version and its logged model, and the version's description says it in one sentence.
 
 Comparability (scores compare like with like): a score depends on the cell, the scenarios, the
 episodes and the seed. ``suite_cell`` is a hash of the cell's config without the scenario and the
@@ -64,7 +65,6 @@ from deepslicing.simulator import SlicingConfig
 MODEL_NAME = "deepslicing-allocator"
 CHAMPION = "champion"
 EXPERIMENT = "deepslicing-registry"
-MODEL_ARTIFACT = "model"
 PROMOTED = "promoted"
 KEPT = "kept_champion"
 COORDINATOR_KEYS = ("coordinator", "admm_rho", "admm_iterations")
@@ -98,7 +98,14 @@ class RegisterConfig:
     tracking_uri: str | None = option(
         None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     )
-    experiment: str = option(EXPERIMENT, "MLflow experiment of the registration runs")
+    run_id: str | None = option(
+        None,
+        "MLflow run that trained the checkpoint, to log the model from (default: the run named "
+        "in RUN_DIR/state.json)",
+    )
+    experiment: str = option(
+        EXPERIMENT, "MLflow experiment of a registration run, when the training run is unknown"
+    )
     model_name: str = option(MODEL_NAME, "registered model name")
     alias: str = option(CHAMPION, "alias the gate moves to a better version")
     out: str = option("register_out", "directory for the export (actor.onnx, metadata.json, ...)")
@@ -128,8 +135,10 @@ class RegisterConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
-        if self.tracking_uri is not None and not isinstance(self.tracking_uri, str):
-            raise ValueError(f"tracking_uri: must be a URI string, got {self.tracking_uri!r}")
+        for name in ("tracking_uri", "run_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
         for f in self.format:
             if f not in FORMATS:
                 raise ValueError(f"format: must be among {FORMATS}, got {f!r}")
@@ -182,21 +191,10 @@ def evaluate_suite(
     return score, rows
 
 
-def suite_metrics(score: float, rows: list[dict[str, Any]]) -> dict[str, float]:
-    out = {
-        metrics.SUITE_SCORE: score,
-        metrics.OBJECTIVE: score,
-        metrics.UTILITY_MEAN: float(np.mean([r["utility_mean"] for r in rows])),
-        metrics.SLA_VIOLATION_RATE: float(np.mean([r["violation_rate"] for r in rows])),
-        metrics.RESOURCE_USAGE: float(np.mean([r["resource_usage"] for r in rows])),
-    }
-    for r in rows:
-        s = r["scenario"]
-        out[f"{s}/{metrics.UTILITY_MEAN}"] = r["utility_mean"]
-        out[f"{s}/{metrics.SLA_VIOLATION_RATE}"] = r["violation_rate"]
-        out[f"{s}/{metrics.OBJECTIVE}"] = metrics.objective(r["utility_mean"], r["violation_rate"])
-        out[f"{s}/{metrics.RESOURCE_USAGE}"] = r["resource_usage"]
-    return out
+def suite_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The suite's MLflow metrics: ``suite/<m>`` and ``suite/<scenario>/<m>`` (the score is
+    ``suite/objective``)."""
+    return metrics.scenario_metrics(metrics.SUITE, rows)
 
 
 # --- the gate ---------------------------------------------------------------------------------
@@ -303,11 +301,9 @@ def register(checkpoint: str | Path, **settings: Any) -> dict[str, Any]:
 
 
 def register_config(config: RegisterConfig) -> dict[str, Any]:
-    import mlflow
-    import onnx
     from mlflow import MlflowClient
 
-    from deepslicing import export
+    from deepslicing import export, lineage
     from deepslicing.tracking import RunTracker, check_server, tracking_uri
     from policies.maddpg.env_runner import slicing_config
 
@@ -320,6 +316,7 @@ def register_config(config: RegisterConfig) -> dict[str, Any]:
     champion = current_champion(client, config)
     if champion is not None:
         check_comparable(champion, tags, config)  # refuse before any work
+    run_id = lineage.training_run_id(client, checkpoint, config.run_id)
 
     score, rows = evaluate_suite(
         env, config.scenarios(), config.episodes, config.seed, str(checkpoint)
@@ -335,53 +332,36 @@ def register_config(config: RegisterConfig) -> dict[str, Any]:
     metadata = json.loads((out / METADATA_FILE).read_text())
     write_summary(rows, out / SUITE_FILE)
 
-    tracker = RunTracker(
-        config.experiment,
-        uri=uri,
-        run_name=f"register-{checkpoint.parent.parent.name}-{checkpoint.name}",
-        tags={"model_name": config.model_name, "source_checkpoint": str(checkpoint), **tags},
-    )
-    try:
-        tracker.log_params(
-            {
-                "checkpoint": str(checkpoint),
-                "model_version": metadata["model_version"],
-                "num_slices": metadata["num_slices"],
-                "variant": metadata.get("variant"),
-                "suite": {
-                    "scenarios": config.scenarios(),
-                    "episodes": config.episodes,
-                    "seed": config.seed,
-                },
-            }
+    tracker = None
+    if run_id is None:  # no training run in this store: a registration run stands in
+        tracker = RunTracker(
+            config.experiment,
+            command=lineage.REGISTRATION_COMMAND,
+            description=lineage.REGISTRATION_DESCRIPTION,
+            uri=uri,
+            run_name=f"register-{checkpoint.parent.parent.name}-{checkpoint.name}",
+            tags={"source_checkpoint": str(checkpoint), **tags},
         )
-        tracker.log_metrics(suite_metrics(score, rows), step=0)
-        previous_uri = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        try:
-            with mlflow.start_run(run_id=tracker.run_id):
-                info = mlflow.onnx.log_model(
-                    onnx.load(str(out / FILES["onnx"])),
-                    name=MODEL_ARTIFACT,
-                    registered_model_name=config.model_name,
-                    extra_files=[str(out / METADATA_FILE)],
-                    save_as_external_data=False,
-                    onnx_execution_providers=["CPUExecutionProvider"],
-                    input_example=np.zeros(
-                        (1, metadata["num_slices"], metadata["num_features"]), "f4"
-                    ),
-                )
-                mlflow.log_artifacts(str(out), "export")
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
-        version = str(info.registered_model_version)
-        for key, value in {
-            **tags,
-            metrics.SUITE_SCORE: f"{score:.10g}",
-            "run_id": tracker.run_id,
-        }.items():
-            client.set_model_version_tag(config.model_name, version, key, value)
-
+        tracker.log_params({"checkpoint": str(checkpoint), "variant": metadata.get("variant")})
+        run_id = tracker.run_id
+    try:
+        model_id = lineage.log_model(
+            client,
+            run_id,
+            out,
+            [out / SUITE_FILE],
+            lineage.checkpoint_iteration(checkpoint),
+            suite_metrics(rows),
+            tags,
+            config.seed,
+        )
+        version = lineage.register_version(
+            client,
+            model_id,
+            config.model_name,
+            # full precision: the gate compares a later challenger against this exact number
+            {**tags, metrics.SUITE_SCORE: repr(score), "run_id": run_id},
+        )
         if champion is None:
             best, source, decision = None, "none", PROMOTED
         else:
@@ -397,17 +377,18 @@ def register_config(config: RegisterConfig) -> dict[str, Any]:
             "champion_score_source": source,
             "registered_version": version,
         }
-        tracker.set_tags(gate)
-        for key, value in gate.items():
-            client.set_model_version_tag(config.model_name, version, key, value)
+        lineage.record_gate(client, config.model_name, version, model_id, gate, config.alias)
     except BaseException:
-        tracker.finish("FAILED")
+        if tracker is not None:
+            tracker.finish("FAILED")
         raise
-    tracker.finish()
+    if tracker is not None:
+        tracker.finish()
     return {
         "model_name": config.model_name,
         "version": version,
-        "run_id": tracker.run_id,
+        "run_id": run_id,
+        "model_id": model_id,
         "model_uri": f"models:/{config.model_name}/{version}",
         "score": score,
         "champion_version": None if champion is None else str(champion.version),

@@ -8,6 +8,21 @@ What: params are the full resolved config, flattened to dotted keys (``maddpg.ac
 metrics are the per-iteration training metrics of :mod:`deepslicing.metrics` at step = iteration;
 tags name the scenario and variant; the final checkpoint is logged as the ``checkpoint`` artifact.
 
+How the MLflow UI sees it:
+
+- Every experiment we create or write to is tagged ``mlflow.experimentKind =
+  custom_model_development`` (:data:`MODEL_TRAINING`, the value MLflow's UI itself writes when a
+  user marks an experiment as model training; ``genai_development`` is the other kind) and carries
+  a description (``mlflow.note.content``, shown at the top of the experiment page). MLflow 3.17's UI
+  additionally keeps one global "GenAI / Model training" switch in its sidebar (URL
+  ``?workflowType=machine_learning``); the kind tag is what earlier 3.x UIs and the switch's
+  default-on-open read.
+- Every run records who and what made it, as MLflow's own fluent ``start_run`` would
+  (:func:`run_tags`): ``mlflow.user``, ``mlflow.source.type`` (``LOCAL``), ``mlflow.source.name``
+  (the command, e.g. ``deepslicing train``) and, when the code is a git checkout,
+  ``mlflow.source.git.commit`` / ``.branch`` / ``.repoURL``. A run given a ``parent_run_id`` is
+  nested under that run in the UI (``mlflow.parentRunId``).
+
 Why a thin class and not ``mlflow.start_run``: a resumed training run reopens its MLflow run by id,
 and a tracking server that is down must give one clear error while training results still land in
 the run directory (the caller decides to continue without tracking).
@@ -26,6 +41,9 @@ from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT
+DESCRIPTION = "mlflow.note.content"  # an experiment's (or run's) description in the UI
 
 
 class TrackingError(RuntimeError):
@@ -76,16 +94,66 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
+def ensure_experiment(client, name: str, description: str) -> str:
+    """The id of experiment ``name``, created if missing; either way tagged as a model-training
+    experiment, and given ``description`` unless it already has one (a user's edit in the UI
+    stays)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(
+            name,
+            artifact_location=_artifact_location(client.tracking_uri, name),
+            tags={EXPERIMENT_KIND: MODEL_TRAINING, DESCRIPTION: description},
+        )
+    if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    if not found.tags.get(DESCRIPTION):
+        client.set_experiment_tag(found.experiment_id, DESCRIPTION, description)
+    return found.experiment_id
+
+
+def run_tags(command: str, parent_run_id: str | None = None) -> dict[str, str]:
+    """The tags MLflow's UI reads for "User", "Source" and the git commit of a run made by
+    ``command`` (e.g. ``deepslicing train``); git tags only when the code is a git checkout."""
+    from mlflow.tracking.context.default_context import DefaultRunContext
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_BRANCH,
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_GIT_REPO_URL,
+        MLFLOW_PARENT_RUN_ID,
+        MLFLOW_SOURCE_NAME,
+    )
+
+    tags = {**DefaultRunContext().tags(), MLFLOW_SOURCE_NAME: command}
+    code = str(Path(__file__).resolve().parent)
+    for key, value in (
+        (MLFLOW_GIT_COMMIT, git_utils.get_git_commit(code)),
+        (MLFLOW_GIT_BRANCH, git_utils.get_git_branch(code)),
+        (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url(code)),
+    ):
+        if value:
+            tags[key] = value
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    return tags
+
+
 class RunTracker:
-    """Logs one training run to MLflow; ``run_id`` lets a resumed run continue the same record."""
+    """Logs one run to MLflow; ``run_id`` lets a resumed run continue the same record.
+    ``command`` names what makes the run (its "Source" in the UI), ``description`` is the
+    experiment's should it be created here, ``parent_run_id`` nests the run under another."""
 
     def __init__(
         self,
         experiment: str,
         *,
+        command: str,
+        description: str,
         uri: str | None = None,
         run_name: str | None = None,
         run_id: str | None = None,
+        parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
     ):
         from mlflow.tracking import MlflowClient
@@ -94,20 +162,15 @@ class RunTracker:
         check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(
-                    experiment, artifact_location=_artifact_location(self.uri, experiment)
-                )
-            )
+            experiment_id = ensure_experiment(self.client, experiment, description)
             if run_id:
                 self.run_id = self.client.get_run(run_id).info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
                 run = self.client.create_run(
-                    experiment_id, run_name=run_name, tags=dict(tags or {})
+                    experiment_id,
+                    run_name=run_name,
+                    tags={**run_tags(command, parent_run_id), **(tags or {})},
                 )
                 self.run_id = run.info.run_id
         except Exception as e:  # mlflow raises many types for an unreachable store

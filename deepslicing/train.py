@@ -18,11 +18,13 @@ Ray starts and changes nothing. Without ``--resume`` a run directory that alread
 refused, so nothing is overwritten.
 
 MLflow (``tracking``): the run is logged to ``tracking_uri`` (default ``MLFLOW_TRACKING_URI`` or
-``sqlite:///mlflow.db``) in ``experiment``: the resolved config as params, the headline metrics per
-iteration, the final checkpoint and evaluation as artifacts. When the store cannot be reached the
-command says so and trains anyway, results landing in the run directory, and exits with code 3.
-Every iteration's progress is also a Prometheus metric, tag ``run`` the run directory's name
-(:mod:`deepslicing.training_metrics`).
+``sqlite:///mlflow.db``) in ``experiment`` (a model-training experiment, see
+:mod:`deepslicing.tracking`), named ``<variant>-<scenario>-seed<seed>``: the resolved config as
+params, the training metrics and ``objective`` per iteration, the final evaluation as ``eval/...``
+metrics (names in :mod:`deepslicing.metrics`), the final checkpoint and evaluation as artifacts.
+When the store cannot be reached the command says so and trains anyway, results landing in the run
+directory, and exits with code 3. Every iteration's progress is also a Prometheus metric, tag
+``run`` the run directory's name (:mod:`deepslicing.training_metrics`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ EXIT_TRACKING_FAILED = 3
 # settings that change the networks' shapes: a checkpoint only fits a run that agrees on them
 SHAPE_KEYS = ("actor_hiddens", "critic_hiddens")
 TRAINING_SCENARIO = "mix"  # the default: every synthetic scenario, random load and outages
+EXPERIMENT_DESCRIPTION = (
+    "MADDPG training runs (`deepslicing train`, `deepslicing run`), one run per training: the "
+    "resolved config as params, training curves per iteration, the final evaluation (eval/...), "
+    "plots and the checkpoint as artifacts. A registered checkpoint is this run's logged model, "
+    "with the registry suite's scores (suite/...). Metric names: deepslicing/metrics.py."
+)
 
 
 @dataclass(frozen=True)
@@ -373,10 +381,17 @@ def start_tracking(config: TrainConfig, state: dict[str, Any] | None):
     try:
         tracker = RunTracker(
             config.experiment,
+            command="deepslicing train",
+            description=EXPERIMENT_DESCRIPTION,
             uri=config.tracking_uri,
-            run_name=Path(config.run_dir).name,
+            run_name=f"{config.maddpg.variant}-{config.env.scenario}-seed{config.seed}",
             run_id=(state or {}).get("mlflow_run_id"),
-            tags={"scenario": config.env.scenario, "variant": config.maddpg.variant},
+            tags={
+                "scenario": config.env.scenario,
+                "variant": config.maddpg.variant,
+                "seed": str(config.seed),
+                "run_dir": str(Path(config.run_dir).resolve()),
+            },
         )
         tracker.log_params(to_dict(config))
         return tracker, None
@@ -423,7 +438,7 @@ def train_loop(config: TrainConfig, state: dict[str, Any] | None, tracker) -> Pa
                 flush=True,
             )
             if tracker is not None:
-                tracker.log_metrics(summary, step=iteration)
+                tracker.log_metrics(metrics.with_objective(summary), step=iteration)
             if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
                 checkpoint = run_dir / CHECKPOINTS / f"iter_{iteration:06d}"
                 algo.save_to_path(str(checkpoint.resolve()))
@@ -461,11 +476,8 @@ def final_evaluation(config: TrainConfig, checkpoint: Path, tracker) -> None:
     write_outputs(eval_config, results, Path(eval_config.out))
     print(format_table([r.row for r in results]))
     if tracker is not None:
-        trained = results[-1].row
-        tracker.log_metrics(
-            {f"eval/{k}": v for k, v in trained.items() if isinstance(v, int | float)},
-            step=config.iterations,
-        )
+        trained = [r.row for r in results if r.row["policy"] == str(checkpoint)]
+        tracker.log_metrics(metrics.scenario_metrics(metrics.EVAL, trained), step=config.iterations)
         tracker.log_artifacts(eval_config.out, "eval")
 
 

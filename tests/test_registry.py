@@ -101,20 +101,25 @@ def test_worse_model_does_not_take_the_alias(ranked, tmp_path):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == first["version"]
     new = client.get_model_version(MODEL_NAME, second["version"])
-    run = client.get_run(second["run_id"])
-    for tags in (new.tags, run.data.tags):
+    model = client.get_logged_model(second["model_id"])
+    for tags in (new.tags, model.tags):
         assert tags["gate_decision"] == KEPT
         assert float(tags["challenger_score"]) == pytest.approx(second["score"])
         assert float(tags["champion_score"]) == pytest.approx(first["score"])
         assert tags["champion_version"] == first["version"]
-    assert float(new.tags[metrics.SUITE_SCORE]) == pytest.approx(second["score"])
+    assert f"version {first['version']}" in new.description and "stays" in new.description
+    assert float(new.tags[metrics.SUITE_SCORE]) == second["score"]
     assert new.tags["suite_scenarios"] == "steady,burst" and new.tags["suite_episodes"] == "1"
+    # trained without tracking: a registration run in deepslicing-registry stands in
+    run = client.get_run(second["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "deepslicing-registry"
+    assert new.source == f"models:/{second['model_id']}" and new.run_id == second["run_id"]
     assert run.data.metrics[metrics.SUITE_SCORE] == pytest.approx(second["score"])
-    assert f"burst/{metrics.UTILITY_MEAN}" in run.data.metrics
+    assert f"{metrics.SUITE}/burst/{metrics.UTILITY_MEAN}" in run.data.metrics
     assert run.info.status == "FINISHED"
     # the registered model is the ONNX flavour with metadata.json beside it
-    artifacts = {a.path for a in client.list_artifacts(second["run_id"], "export")}
-    assert "export/actor.onnx" in artifacts and "export/metadata.json" in artifacts
+    artifacts = {a.path for a in client.list_logged_model_artifacts(second["model_id"])}
+    assert {"model.onnx", "MLmodel", "extra_files"} <= artifacts
 
 
 def test_better_model_takes_the_alias_and_a_changed_suite_rescores_the_champion(ranked, tmp_path):
@@ -134,7 +139,7 @@ def test_better_model_takes_the_alias_and_a_changed_suite_rescores_the_champion(
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == second["version"]
-    tags = client.get_run(second["run_id"]).data.tags
+    tags = client.get_model_version(MODEL_NAME, second["version"]).tags
     assert tags["gate_decision"] == PROMOTED
     assert tags["champion_version"] == first["version"]
 
