@@ -22,10 +22,17 @@ Each trial is one MADDPG run in its own Tune actor with ``cpus_per_trial`` CPUs;
 headline metrics of :mod:`deepslicing.metrics`, the sweep ``objective``, and each swept value as
 ``hp/<key>`` (so PBT's changes are visible as metrics; MLflow params cannot change).
 
-MLflow: ``MLflowLoggerCallback`` makes every trial a run in ``experiment`` with the trial's full
-resolved config as params, per-iteration metrics, and tags for scenario, variant and sweep. With
-``register`` (default on) the best trial's last checkpoint then goes through
-:func:`deepslicing.registry.register`: suite evaluation, export, registration, champion gate.
+MLflow (``experiment``, a model-training experiment, see :mod:`deepslicing.tracking`): the sweep is
+one parent run named after the sweep (its settings and search space as params), and every trial is
+a child run nested under it (``mlflow.parentRunId``), named ``trial_<id>``, written by Tune's
+``MLflowLoggerCallback``: the trial's full resolved config as params, the training metrics of
+:mod:`deepslicing.metrics` per iteration (Tune's own bookkeeping results are left out), and tags
+for scenario, variant and sweep. When the sweep ends the best trial's run is tagged
+``best_trial=true`` and the parent names it (``best_trial``, ``best_trial_run_id``, ``best_<metric>``).
+With ``register`` (default on) the best trial's last checkpoint then goes through
+:func:`deepslicing.registry.register` (suite evaluation, export, champion gate), its logged model
+logged from the best trial's run; the registered version is tagged on that run and the parent
+(``registered_version``).
 Tune's own results and checkpoints go to ``storage_path/name``.
 
 Everything is checked before Ray starts: unknown keys, an empty search space, a search key that
@@ -53,6 +60,13 @@ from deepslicing.training_metrics import TrainingMetrics
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 SECTIONS = ("env", "maddpg")
 DEFAULT_METRIC = metrics.OBJECTIVE
+COMMAND = "deepslicing tune"
+EXPERIMENT_DESCRIPTION = (
+    "Ray Tune sweeps of MADDPG (`deepslicing tune`): one parent run per sweep, its trials nested "
+    "under it as child runs with their params and training curves; the best trial is tagged "
+    "best_trial=true and its registered model is logged from its run. Metric names: "
+    "deepslicing/metrics.py."
+)
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,7 @@ class SweepConfig:
             raise ValueError(f"search_space: each key may appear once, got {keys}")
         if self.scheduler == "pbt" and any(d.kind == "grid" for d in self.search_space):
             raise ValueError("search_space: pbt cannot perturb grid dimensions; use choice")
-        if not is_reported(self.metric):
+        if not metrics.is_training_metric(self.metric):
             raise ValueError(
                 f"metric: {self.metric!r} is never reported; choose one of {metrics.ALL} "
                 f"or a per-slice metric such as {metrics.per_slice(metrics.MULTIPLIER, 'embb')}"
@@ -182,12 +196,6 @@ class SweepConfig:
             candidates = d.values if d.kind in ("choice", "grid") else d.values[:2]
             for value in candidates:
                 trial_config({**base, section: {**base[section], name: value}})
-
-
-def is_reported(metric: str) -> bool:
-    prefix, _, rest = metric.partition("/")
-    per_slice = (metrics.EPISODE_COST, metrics.MULTIPLIER, metrics.HYPERPARAMETER)
-    return metric in metrics.ALL or (prefix in per_slice and bool(rest))
 
 
 def trial_config(params: dict[str, Any]) -> TrainConfig:
@@ -240,11 +248,8 @@ def train_trial(params: dict[str, Any]) -> None:
         every = 1 if sweep["scheduler"] == "pbt" else sweep["checkpoint_every"]
         exported = TrainingMetrics(tune.get_context().get_trial_name())
         for iteration in range(start + 1, sweep["max_iterations"] + 1):
-            summary = dict(algo.train()[metrics.SECTION])
+            summary = metrics.with_objective(algo.train()[metrics.SECTION])
             exported.record(summary)
-            summary[metrics.OBJECTIVE] = metrics.objective(
-                summary[metrics.UTILITY_MEAN], summary[metrics.SLA_VIOLATION_RATE]
-            )
             for key, value in swept.items():
                 summary[metrics.per_slice(metrics.HYPERPARAMETER, key)] = value
             summary = {k: v for k, v in summary.items() if not _is_nan(v)}
@@ -268,7 +273,7 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def build_tuner(sweep: SweepConfig, tracking_uri: str | None):
+def build_tuner(sweep: SweepConfig, tracking_uri: str | None, parent_run_id: str | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
@@ -284,17 +289,15 @@ def build_tuner(sweep: SweepConfig, tracking_uri: str | None):
             perturbation_interval=sweep.perturbation_interval,
             hyperparam_mutations=_nested({d.key: d.sampler() for d in sweep.search_space}),
         )
+    from deepslicing.tracking import run_tags
+
     callbacks = []
     if tracking_uri is not None:
         callbacks.append(
             _mlflow_logger()(
                 tracking_uri=tracking_uri,
                 experiment_name=sweep.experiment,
-                tags={
-                    "scenario": sweep.env.scenario,
-                    "variant": sweep.maddpg.variant,
-                    "sweep": sweep.name,
-                },
+                tags={**run_tags(COMMAND, parent_run_id), **sweep_tags(sweep)},
             )
         )
     return tune.Tuner(
@@ -323,21 +326,34 @@ def build_tuner(sweep: SweepConfig, tracking_uri: str | None):
 
 
 def _mlflow_logger():
-    """Tune's MLflow logger, logging a trial's params once: PBT restarts trials with mutated
+    """Tune's MLflow logger, logging a trial's params once (PBT restarts trials with mutated
     values, which MLflow params cannot take; params keep the first values and the ``hp/<key>``
-    metrics follow every change."""
+    metrics follow every change) and only the training metrics of :mod:`deepslicing.metrics`
+    (not Tune's bookkeeping, nor the config as metrics), at step = training iteration."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.result import TRAINING_ITERATION
 
-    class FirstStartParamsLogger(MLflowLoggerCallback):
+    class VocabularyLogger(MLflowLoggerCallback):
         def log_trial_start(self, trial) -> None:
             if trial not in self._trial_runs:
                 super().log_trial_start(trial)
 
-    return FirstStartParamsLogger
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            self.mlflow_util.log_metrics(
+                run_id=self._trial_runs[trial],
+                metrics_to_log={k: v for k, v in result.items() if metrics.is_training_metric(k)},
+                step=result[TRAINING_ITERATION],
+            )
+
+    return VocabularyLogger
 
 
 def _trial_name(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return _trial_name_of(trial.trial_id)
+
+
+def _trial_name_of(trial_id: str) -> str:
+    return f"trial_{trial_id}"
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -375,9 +391,14 @@ def run(sweep: SweepConfig) -> int:
     except TrackingError as e:
         print(f"deepslicing tune: error: {e}", file=sys.stderr)
         return 2
+    parent = None if uri is None else start_parent_run(sweep, uri)
     started_ray = init_ray(sweep.num_cpus)
     try:
-        results = build_tuner(sweep, uri).fit()
+        results = build_tuner(sweep, uri, parent and parent.run_id).fit()
+    except BaseException:
+        if parent is not None:
+            parent.finish("FAILED")
+        raise
     finally:
         if started_ray:
             ray.shutdown()
@@ -389,15 +410,72 @@ def run(sweep: SweepConfig) -> int:
         print(f"  {d.key} = {_lookup(best.config, d.key)}")
     if best.checkpoint is not None:
         print(f"best checkpoint: {best.checkpoint.path}")
-    if uri:
-        print(f"MLflow experiment {sweep.experiment!r} at {uri}")
+    best_run_id = None
+    if parent is not None:
+        best_run_id = mark_best_trial(parent, sweep, best)
+        print(f"MLflow experiment {sweep.experiment!r} at {uri}: sweep run {parent.run_id}")
     if sweep.register and uri and best.checkpoint is not None:
         from deepslicing.registry import register, report
 
         outcome = register(
             best.checkpoint.path,
             tracking_uri=uri,
+            run_id=best_run_id,
             out=str(Path(results.experiment_path) / "best_export"),
         )
         print(f"\nbest trial, registered:\n{report(outcome)}")
+        if parent is not None:
+            parent.set_tags({"registered_version": outcome["version"]})
+            parent.client.set_tag(best_run_id, "registered_version", outcome["version"])
+    if parent is not None:
+        parent.finish("FAILED" if errors else "FINISHED")
     return 1 if errors else 0
+
+
+def sweep_tags(sweep: SweepConfig) -> dict[str, str]:
+    return {"scenario": sweep.env.scenario, "variant": sweep.maddpg.variant, "sweep": sweep.name}
+
+
+def start_parent_run(sweep: SweepConfig, uri: str):
+    """The sweep's parent run: the sweep settings and the search space as params."""
+    from deepslicing.tracking import RunTracker
+
+    parent = RunTracker(
+        sweep.experiment,
+        command=COMMAND,
+        description=EXPERIMENT_DESCRIPTION,
+        uri=uri,
+        run_name=sweep.name,
+        tags={**sweep_tags(sweep), "scheduler": sweep.scheduler},
+    )
+    parent.log_params(
+        {
+            **{k: v for k, v in to_dict(sweep).items() if k not in ("env", "maddpg")},
+            "search_space": {d.key: f"{d.kind} {list(d.values)}" for d in sweep.search_space},
+        }
+    )
+    return parent
+
+
+def mark_best_trial(parent, sweep: SweepConfig, best) -> str | None:
+    """Tag the best trial's run and name it on the parent; returns its run id (None if Tune's
+    logger never created it)."""
+    name = _trial_name_of(best.metrics["trial_id"])
+    runs = parent.client.search_runs(
+        [parent.experiment_id],
+        filter_string=(
+            f"tags.trial_name = '{name}' and tags.`mlflow.parentRunId` = '{parent.run_id}'"
+        ),
+    )
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    parent.client.set_tag(run_id, "best_trial", "true")
+    parent.set_tags(
+        {
+            "best_trial": name,
+            "best_trial_run_id": run_id,
+            f"best_{sweep.metric}": best.metrics.get(sweep.metric),
+        }
+    )
+    return run_id

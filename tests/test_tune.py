@@ -3,12 +3,14 @@ before any trial starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +34,18 @@ def run(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def sweep_runs(client):
+    """The sweep's parent run and its trials' runs, nested under it; nothing else is there."""
+    experiment = client.get_experiment_by_name("deepslicing-sweeps")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r is not parents[0]]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    return parents[0], children
+
+
 def test_small_asha_sweep_runs_trials_stops_some_and_logs_each_to_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -44,8 +58,10 @@ def test_small_asha_sweep_runs_trials_stops_some_and_logs_each_to_mlflow(tmp_pat
     assert "best trial: objective" in out.stdout
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("deepslicing-sweeps")
-    runs = client.search_runs([experiment.experiment_id])
+    parent, runs = sweep_runs(client)
+    assert parent.info.run_name == "maddpg_asha_small" and parent.info.status == "FINISHED"
+    assert parent.data.params["search_space.maddpg.actor_lr"] == "loguniform [0.0001, 0.003]"
+    assert parent.data.tags["mlflow.source.name"] == "deepslicing tune"
     assert len(runs) == 4
     iterations = []
     for r in runs:
@@ -59,15 +75,31 @@ def test_small_asha_sweep_runs_trials_stops_some_and_logs_each_to_mlflow(tmp_pat
         assert history, "every trial reports the objective"
         hp = client.get_metric_history(r.info.run_id, "hp/maddpg.actor_lr")
         assert hp[-1].value == pytest.approx(float(params["maddpg/actor_lr"]))
-        iterations.append(int(r.data.metrics["training_iteration"]))
+        iterations.append(history[-1].step)
+        # only the vocabulary of deepslicing.metrics, not Tune's bookkeeping or the config
+        assert "training_iteration" not in r.data.metrics
+        assert "time_this_iter_s" not in r.data.metrics
+        assert not any(k.startswith("config/") for k in r.data.metrics)
     assert max(iterations) == 4
     assert min(iterations) < 4, f"ASHA stopped no trial early: {iterations}"
 
     # the best trial went through the registry: a version of the model with the champion alias
+    # ... logged from the best trial's run, which the parent names
     assert "best trial, registered" in out.stdout
     version = client.get_model_version_by_alias("deepslicing-allocator", "champion")
     assert version.tags["gate_decision"] == "promoted"
-    assert float(version.tags["suite_score"]) > -1
+    assert float(version.tags["suite/objective"]) > -1
+    best = [r for r in runs if r.data.tags.get("best_trial") == "true"]
+    assert len(best) == 1 and version.run_id == best[0].info.run_id
+    assert parent.data.tags["best_trial_run_id"] == best[0].info.run_id
+    assert parent.data.tags["registered_version"] == str(version.version)
+    assert client.get_run(version.run_id).data.tags["registered_version"] == str(version.version)
+    # Tune's best (scope "all": the best iteration of any trial) is the best in MLflow too
+    best_of = {
+        r.info.run_id: max(m.value for m in client.get_metric_history(r.info.run_id, "objective"))
+        for r in runs
+    }
+    assert best_of[version.run_id] == max(best_of.values())
 
 
 @pytest.mark.parametrize(
@@ -152,20 +184,61 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
+def rest(uri: str, path: str, **query: str) -> dict:
+    """A GET of MLflow's REST API, as the UI makes it."""
+    url = f"{uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
 def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
+    """Through the server's REST API: the model-training experiment, the sweep's parent run with
+    its trials nested, every `trial` name of the metric table, and the registered champion: a
+    logged model of the best trial's run, with its suite metrics and a signature."""
+    import mlflow
     from mlflow.tracking import MlflowClient
+
+    from deepslicing import metrics
 
     cmd = tune_command(tmp_path, str(SMALL))
     cmd += ["--tracking-uri", mlflow_server, "--set", "num_samples=2", "--set", "max_iterations=2"]
-    out = run(cmd, tmp_path, timeout=600)
+    out = run(cmd, tmp_path, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    experiment = rest(
+        mlflow_server, "experiments/get-by-name", experiment_name="deepslicing-sweeps"
+    )
+    tags = {t["key"]: t["value"] for t in experiment["experiment"]["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.note.content"].startswith("Ray Tune sweeps")
+
     client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("deepslicing-sweeps")
-    runs = client.search_runs([experiment.experiment_id])
+    parent, runs = sweep_runs(client)
     assert len(runs) == 2
     for r in runs:
         assert "objective" in r.data.metrics
         assert "maddpg/actor_lr" in r.data.params
+        assert r.data.tags["mlflow.source.name"] == "deepslicing tune"
+        keys = set(r.data.metrics)
+        found = {metrics.documented_name(k) for k in keys}
+        assert [n for n, where in metrics.vocabulary() if "trial" in where and n not in found] == []
+        assert [k for k in keys if metrics.documented_name(k) is None] == []
+
+    version = rest(
+        mlflow_server, "registered-models/alias", name="deepslicing-allocator", alias="champion"
+    )["model_version"]
+    assert version["run_id"] == parent.data.tags["best_trial_run_id"]
+    model_id = version["source"].removeprefix("models:/")
+    model = rest(mlflow_server, f"logged-models/{model_id}")["model"]
+    assert model["info"]["source_run_id"] == version["run_id"]
+    linked = {m["key"] for m in model["data"]["metrics"]}
+    assert metrics.SUITE_SCORE in linked and f"{metrics.SUITE}/burst/{metrics.OBJECTIVE}" in linked
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        signature = mlflow.models.get_model_info(version["source"]).signature
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert signature.inputs.inputs[0].shape == (-1, 3, 12)
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
 
 
@@ -185,8 +258,7 @@ def test_pbt_sweep_logs_mutated_hyperparameters_as_metrics(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 trials, 0 failed" in out.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("deepslicing-sweeps")
-    runs = client.search_runs([experiment.experiment_id])
+    _, runs = sweep_runs(client)
     assert len(runs) == 2
     for r in runs:
         history = client.get_metric_history(r.info.run_id, "hp/maddpg.actor_lr")
