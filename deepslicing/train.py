@@ -48,7 +48,7 @@ from deepslicing.config import ConfigError, check_int, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from deepslicing.training_metrics import TrainingMetrics
-from policies.constraints import DEFAULT_COST_BUDGET, check_budget
+from policies.constraints import DEFAULT_COST_BUDGETS, check_budget
 from policies.maddpg import VARIANTS, MADDPGConfig
 
 # RLlib warns once per process that an algorithm runs on the new API stack; ours only does.
@@ -73,9 +73,9 @@ EXPERIMENT_DESCRIPTION = (
 class CostBudgets:
     """Allowed SLA violation rate per slice kind, each in [0, 1]."""
 
-    embb: float = option(DEFAULT_COST_BUDGET, "eMBB slices' allowed violation rate")
-    urllc: float = option(DEFAULT_COST_BUDGET, "URLLC slices' allowed violation rate")
-    mmtc: float = option(DEFAULT_COST_BUDGET, "mMTC slices' allowed violation rate")
+    embb: float = option(DEFAULT_COST_BUDGETS["embb"], "eMBB slices' allowed violation rate")
+    urllc: float = option(DEFAULT_COST_BUDGETS["urllc"], "URLLC slices' allowed violation rate")
+    mmtc: float = option(DEFAULT_COST_BUDGETS["mmtc"], "mMTC slices' allowed violation rate")
 
     def __post_init__(self) -> None:
         check_budget(dataclasses.asdict(self))
@@ -109,6 +109,11 @@ class MaddpgSettings:
     )
     request_penalty: float = option(
         _DEFAULTS.request_penalty, "actor-loss weight on requested shares beyond the cell (>= 0)"
+    )
+    known_reward_weight: float = option(
+        _DEFAULTS.known_reward_weight,
+        "share of the actor's objective from the known reward of its own request (the rest from "
+        "the critic), in [0, 1]",
     )
     replay_capacity: int = option(_DEFAULTS.replay_capacity, "joint transitions kept in replay")
     learning_starts: int = option(
@@ -224,6 +229,7 @@ def algorithm_config(config: TrainConfig) -> MADDPGConfig:
             exploration_noise=m.exploration_noise,
             cooperative=m.cooperative,
             request_penalty=m.request_penalty,
+            known_reward_weight=m.known_reward_weight,
             replay_capacity=m.replay_capacity,
             num_steps_sampled_before_learning_starts=m.learning_starts,
             actor_hiddens=m.actor_hiddens,

@@ -22,7 +22,7 @@ from policies.maddpg import MADDPG, MADDPGConfig, load_actor_policy
 from policies.maddpg.policy import PolicyMismatchError
 from policies.maddpg.replay import SynchronizedReplay
 from policies.maddpg.torch.default_maddpg_torch_rl_module import MADDPGTorchRLModule
-from policies.maddpg.torch.maddpg_torch_learner import frozen, maddpg_losses
+from policies.maddpg.torch.maddpg_torch_learner import KnownReward, frozen, maddpg_losses
 
 NUM_SLICES, NUM_FEATURES = 3, len(FEATURES)
 FORECAST = FEATURES.index("need_forecast")
@@ -196,6 +196,49 @@ def test_cooperative_actor_loss_climbs_every_critic_and_prices_excess_requests()
     assert module.actor.weights[0].grad[0].abs().sum() > 0  # the eMBB actor, slice 0
 
 
+def test_known_reward_is_the_models_reward_with_a_smoothed_cost():
+    known = KnownReward(torch.tensor([0.5, 0.3, 0.2]), waste_weight=0.5)
+    need = torch.tensor([[0.4, 0.1, 0.0]])
+    lam = torch.tensor([0.2, 0.2, 0.2])
+    # half the eMBB need, 1.5 x the URLLC need, something to a slice that needs nothing
+    priced = known.priced_reward(torch.tensor([[0.2, 0.15, 0.05]]), need, lam)
+    expected_reward = torch.tensor([0.5 * 0.5, 0.3 - 0.5 * 0.05, 0.2 - 0.5 * 0.05])
+    # the cost is ~1 well below the need and ~0 well above it
+    torch.testing.assert_close(
+        priced[0], expected_reward - lam * torch.tensor([1.0, 0.0, 0.0]), atol=1e-4, rtol=0
+    )
+    # its gradient raises a request just short of the need and lowers one beyond it
+    requests = torch.tensor([[0.39, 0.2, 0.05]], requires_grad=True)
+    known.priced_reward(requests, need, lam).sum().backward()
+    assert requests.grad[0, 0] > 0.5 / 0.4 and requests.grad[0, 1] < 0 and requests.grad[0, 2] < 0
+
+
+def test_actor_loss_takes_the_known_reward_in_its_share():
+    module = make_module()
+    batch = random_batch(cost=0.0)
+    lam = torch.full((NUM_SLICES,), 0.3)
+    known = KnownReward(torch.tensor([0.4, 0.3, 0.3]), waste_weight=0.5)
+    need = batch["next_obs"][..., FEATURES.index("needed_share")]
+    with torch.no_grad():
+        own = module.act(batch["obs"])
+        known_term = -known.priced_reward(own, need, lam).mean(dim=0).sum()
+        critic_term = -module.q_values(batch["obs"], own).mean(dim=0).sum()
+        losses = {
+            w: maddpg_losses(
+                module, batch, lam, 0.0, cooperative=True, known=known, known_reward_weight=w
+            )[1]
+            for w in (0.0, 0.25, 1.0)
+        }
+    torch.testing.assert_close(losses[0.0], critic_term)
+    torch.testing.assert_close(losses[1.0], known_term)
+    torch.testing.assert_close(losses[0.25], 0.75 * critic_term + 0.25 * known_term)
+    # with the whole weight on the known reward the critic is not read by the actor loss
+    _, actor_loss, _ = maddpg_losses(module, batch, lam, 0.0, known=known, known_reward_weight=1.0)
+    actor_loss.backward()
+    assert all(p.grad is None for p in module.critic.parameters())
+    assert all(p.grad is not None for p in module.actor.parameters())
+
+
 def test_replay_keeps_transitions_time_aligned():
     replay = SynchronizedReplay(10, NUM_SLICES, NUM_FEATURES, seed=0)
     rows = 14
@@ -227,7 +270,7 @@ def test_dual_ascent_projects_onto_nonnegative():
 
 def test_budgets_per_kind_and_unreachable_ones_are_named():
     kinds = ("embb", "urllc", "mmtc", "urllc")
-    np.testing.assert_allclose(slice_budgets({"urllc": 0.02}, kinds), [0.25, 0.02, 0.25, 0.02])
+    np.testing.assert_allclose(slice_budgets({"urllc": 0.02}, kinds), [0.5, 0.02, 0.12, 0.02])
     np.testing.assert_allclose(slice_budgets(0.1, kinds), [0.1] * 4)
     budget = np.array([0.25, 0.02, 0.25])
     stuck = unreachable(np.array([1.0, 1.0, 0.3]), np.array([0.2, 0.05, 0.5]), budget, 1.0)
@@ -244,6 +287,7 @@ def test_budgets_per_kind_and_unreachable_ones_are_named():
         ({"updates_per_step": 0}, "updates_per_step"),
         ({"exploration_noise": -0.1}, "exploration_noise"),
         ({"request_penalty": -0.5}, "request_penalty"),
+        ({"known_reward_weight": 1.5}, "known_reward_weight"),
         ({"cooperative": "yes"}, "cooperative"),
         ({"replay_capacity": 8}, "replay_capacity"),
         ({"variant": "penalty"}, "variant"),

@@ -13,7 +13,7 @@ Build it like RLlib's SAC::
     config = (
         MADDPGConfig()
         .environment(env_config={"scenario": "steady"})  # SlicingConfig fields
-        .training(variant="both", actor_lr=3e-4, cost_budget=0.25)
+        .training(variant="both", actor_lr=3e-4, cost_budget={"urllc": 0.05})
         .env_runners(num_envs_per_env_runner=8)
         .debugging(seed=0)
     )
@@ -38,18 +38,21 @@ back to the env runners. At the first learning step the input standardisation (p
 fitted to the warm-up data in the replay.
 
 Defaults (first tuned on the `steady` scenario, 3 slices, on a 2-core machine; the default env of
-``deepslicing train`` is the `mix` scenario): actors and critic 64 x 64 ReLU; Adam, actor_lr 3e-4, critic_lr 1e-3; tau 0.01; gamma 0 (the traffic is exogenous:
-an allocation changes no future traffic and scores only its own interval, so the best policy is
-myopic and a per-interval critic is the easiest to learn); cooperative actors (each climbs the sum
-of all slices' critics, the cell's priced utility) with request_penalty 0.5 on requests beyond the
-cell (see :mod:`policies.maddpg.torch.maddpg_torch_learner`); batch 256; updates_per_step 0.5;
-exploration_noise 0.03 (share units); replay 100,000; 3,200 warm-up env steps; variant "both"
-with the utility objective's ADMM (rho 2 x 100 iterations), cost_budget 0.25 for every kind (even
-the per-interval oracle, which knows the coming demand, leaves eMBB short in about a fifth of the
-intervals on this cell; docs/scorecard.md has the budget trade-off measured), multiplier_lr
-0.05, multiplier_max 1.0; one local env runner with 8 cells, 50 intervals per sample, and a local
-learner (num_learners=0). One iteration is at least 1,600 env steps, that is one 200-interval
-episode of every cell.
+``deepslicing train`` is the `mix` scenario): actors 64 x 64 and critic 64 x 64 ReLU; Adam,
+actor_lr 3e-4, critic_lr 1e-3; tau 0.01; gamma 0 (the traffic is exogenous: an allocation changes
+no future traffic and scores only its own interval, so the best policy is myopic and a
+per-interval critic is the easiest to learn); known_reward_weight 1 (the actors climb the known
+reward of their own request against the need that followed, priced by their multipliers; the
+critic still learns, for coupling when the weight is below 1 and for ``q_mean``), cooperative
+critic term and request_penalty 0.5 on requests beyond the cell (see
+:mod:`policies.maddpg.torch.maddpg_torch_learner`); batch 256; updates_per_step 0.5;
+exploration_noise 0 (the known reward's gradient needs no exploration, and noise-free rollouts
+are what the multipliers should measure); replay 100,000; 3,200 warm-up env steps; variant
+"both" with the utility objective's ADMM (rho 2 x 100 iterations), cost budgets per kind eMBB 0.5,
+URLLC 0.12, mMTC 0.12 (:data:`policies.constraints.DEFAULT_COST_BUDGETS`; docs/scorecard.md has
+the trade-off measured), multiplier_lr 0.05, multiplier_max 1.0; one local env runner with 8
+cells, 50 intervals per sample, and a local learner (num_learners=0). One iteration is at least
+1,600 env steps, that is one 200-interval episode of every cell.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ from deepslicing.config import ConfigError
 from deepslicing.coordinator import UTILITY_ITERATIONS, UTILITY_RHO, check_admm
 from envs.rllib_env import SlicingMultiAgentEnv
 from policies.constraints import (
-    DEFAULT_COST_BUDGET,
+    DEFAULT_COST_BUDGETS,
     ConstraintCallback,
     CostBudget,
     check_budget,
@@ -105,9 +108,10 @@ class MADDPGConfig(AlgorithmConfig):
         self.gamma = 0.0
         self.train_batch_size_per_learner = 256
         self.updates_per_step = 0.5
-        self.exploration_noise = 0.03
+        self.exploration_noise = 0.0
         self.cooperative = True
         self.request_penalty = 0.5
+        self.known_reward_weight = 1.0
         self.replay_capacity = 100_000
         self.num_steps_sampled_before_learning_starts = 3_200
         self.actor_hiddens = (64, 64)
@@ -115,7 +119,7 @@ class MADDPGConfig(AlgorithmConfig):
         self.variant = "both"
         self.admm_rho = UTILITY_RHO
         self.admm_iterations = UTILITY_ITERATIONS
-        self.cost_budget: CostBudget = DEFAULT_COST_BUDGET
+        self.cost_budget: CostBudget = dict(DEFAULT_COST_BUDGETS)
         self.multiplier_lr = 0.05
         self.multiplier_max = 1.0
         self.torch_num_threads = 1
@@ -142,6 +146,7 @@ class MADDPGConfig(AlgorithmConfig):
         exploration_noise: float = NotProvided,
         cooperative: bool = NotProvided,
         request_penalty: float = NotProvided,
+        known_reward_weight: float = NotProvided,
         replay_capacity: int = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
         actor_hiddens: Sequence[int] = NotProvided,
@@ -170,6 +175,9 @@ class MADDPGConfig(AlgorithmConfig):
                 slice's critic (the paper's per-agent loss, slices compete for capacity).
             request_penalty: actor-loss weight (>= 0) on the requested total above the cell,
                 max(0, sum_i mu_i - 1); keeps requests where the coordinator need not cut them.
+            known_reward_weight: share, in [0, 1], of the actor's objective taken from the known
+                reward of the slice's own request against the need its interval turned out to
+                have (priced by its multiplier); the rest from the centralised critic.
             replay_capacity: joint transitions kept, >= train_batch_size_per_learner.
             num_steps_sampled_before_learning_starts: env steps of uniform random requests
                 before the first update.
@@ -179,7 +187,7 @@ class MADDPGConfig(AlgorithmConfig):
             admm_rho: ADMM penalty rho (> 0) for the "admm" and "both" variants.
             admm_iterations: ADMM iterations (1..10000).
             cost_budget: allowed per-interval SLA cost of each slice (its violation rate), in
-                [0, 1], or a map kind -> rate (kinds not named take 0.25); dual ascent raises a
+                [0, 1], or a map kind -> rate (kinds not named take DEFAULT_COST_BUDGETS); dual ascent raises a
                 slice's multiplier while its cost is above its budget.
             multiplier_lr: dual ascent step size per iteration, >= 0.
             multiplier_max: upper bound of every multiplier (projected dual ascent onto
@@ -196,6 +204,7 @@ class MADDPGConfig(AlgorithmConfig):
             "exploration_noise": exploration_noise,
             "cooperative": cooperative,
             "request_penalty": request_penalty,
+            "known_reward_weight": known_reward_weight,
             "replay_capacity": replay_capacity,
             "num_steps_sampled_before_learning_starts": num_steps_sampled_before_learning_starts,
             "actor_hiddens": actor_hiddens,
@@ -229,6 +238,7 @@ class MADDPGConfig(AlgorithmConfig):
         _positive("updates_per_step", self.updates_per_step)
         _number_in("exploration_noise", self.exploration_noise, 0.0, 10.0)
         _number_in("request_penalty", self.request_penalty, 0.0, 1e6)
+        _number_in("known_reward_weight", self.known_reward_weight, 0.0, 1.0)
         if not isinstance(self.cooperative, bool):
             _fail("cooperative", f"must be true or false, got {self.cooperative!r}")
         check_budget(self.cost_budget)

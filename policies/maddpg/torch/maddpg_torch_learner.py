@@ -6,9 +6,22 @@ Actor-Critic for Mixed Cooperative-Competitive Environments", arXiv:1706.02275, 
 
     y_i          = r_i - lambda_i c_i + gamma (1 - done) Q_i'(o', mu_1'(o_1'), ..., mu_S'(o_S'))
     critic loss  = sum_i mean_batch (Q_i(o, a) - y_i)^2
-    actor loss   = -sum_i mean_batch Q_i(o, a_1, ..., mu_i(o_i), ..., a_S)        (per slice)
+    critic term  = -sum_i mean_batch Q_i(o, a_1, ..., mu_i(o_i), ..., a_S)        (per slice)
             or     -sum_i mean_batch Q_i(o, mu_1(o_1), ..., mu_S(o_S))          (cooperative)
-                   + request_penalty mean_batch max(0, sum_i mu_i(o_i) - 1)     (both forms)
+    known term   = -sum_i mean_batch [R_i(mu_i(o_i), N_i') - lambda_i C_i(mu_i(o_i), N_i')]
+    actor loss   = (1 - beta) critic term + beta known term
+                   + request_penalty mean_batch max(0, sum_i mu_i(o_i) - 1)
+
+The known term (``beta`` = ``known_reward_weight``) uses what the model already knows: slice i's
+reward is R_i(x, N) = u_i min(1, x / N) - waste max(0, x - N) of its share x and the need N its
+interval turned out to have, which the replay holds (the ``needed_share`` of o'); the SLA cost is
+C_i = 1{x < N}, smoothed to sigmoid((N - x) / (0.05 N)) so that it has a gradient. Its gradient
+is exact where the critic's is an estimate; what it leaves out is coupling, the coordinator
+cutting requests that together exceed the cell, which the critic term and the request penalty
+cover. Because the traffic is exogenous, every replayed need is a sample of the need that
+follows o, so maximising the known term is the newsvendor problem per slice: request the
+quantile of the need at which the marginal utility u_i / N_i of serving more (plus the
+multiplier's weight on the SLA) equals the waste weight of giving too much.
 
 Per slice (``cooperative=False``) is the paper's actor loss: each actor climbs its own critic, so
 each slice maximises its own reward, a game over the shared capacity in which a slice gains by
@@ -43,7 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,9 +68,15 @@ from ray.rllib.utils.metrics import (
 )
 
 from deepslicing import metrics
+from deepslicing.model import FEATURES, SliceArrays
+from policies.maddpg.env_runner import slicing_config
 from policies.maddpg.torch.default_maddpg_torch_rl_module import MADDPGTorchRLModule
 
 MULTIPLIERS_STATE = "multipliers"
+NEEDED = FEATURES.index("needed_share")
+COST_SMOOTHING = 0.05  # width of the smoothed SLA cost, as a fraction of the need
+MIN_COST_WIDTH = 1e-4  # share; keeps the width positive for a slice that needs nothing
+_TINY = 1e-12  # as deepslicing.model.satisfaction: 0 / 0 is satisfied
 BATCH_KEYS = ("obs", "actions", "rewards", "costs", "next_obs", "dones")
 
 
@@ -69,6 +88,8 @@ def maddpg_losses(
     *,
     cooperative: bool = False,
     request_penalty: float = 0.0,
+    known: KnownReward | None = None,
+    known_reward_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Critic loss, actor loss and the mean Q(o, a) of one batch (see the module docstring)."""
     obs, actions = batch["obs"], batch["actions"]
@@ -82,15 +103,43 @@ def maddpg_losses(
     q = module.q_values(obs, actions)
     critic_loss = (q - y).square().mean(dim=0).sum()
     own = module.act(obs)
-    with frozen(module.critic):
-        if cooperative:  # every actor climbs the sum of all critics at the actors' joint action
-            q_own = module.q_values(obs, own)
-        else:
-            q_own = module.q_values(obs, module.actions_with_own(actions, own))
-    actor_loss = -q_own.mean(dim=0).sum()
+    actor_loss = torch.zeros((), device=obs.device)
+    if known_reward_weight < 1.0:
+        with frozen(module.critic):
+            if cooperative:  # every actor climbs the sum of all critics at the actors' joint action
+                q_own = module.q_values(obs, own)
+            else:
+                q_own = module.q_values(obs, module.actions_with_own(actions, own))
+        actor_loss = -(1.0 - known_reward_weight) * q_own.mean(dim=0).sum()
+    if known_reward_weight > 0.0:
+        need = batch["next_obs"][..., NEEDED]  # the need of the interval the request was for
+        priced = known.priced_reward(own, need, multipliers)
+        actor_loss = actor_loss - known_reward_weight * priced.mean(dim=0).sum()
     if request_penalty:  # requests beyond the cell change no allocation: price them
         actor_loss = actor_loss + request_penalty * (own.sum(dim=-1) - 1.0).clamp(min=0.0).mean()
     return critic_loss, actor_loss, q.detach().mean()
+
+
+class KnownReward(NamedTuple):
+    """The model's per-slice reward as a function of the slice's own request (as if granted in
+    full) and the need its interval turned out to have, with the SLA cost smoothed so that it has
+    a gradient: the known part of what the critic would otherwise have to learn."""
+
+    utility_weight: torch.Tensor  # (S,) weight_i / sum(weights)
+    waste_weight: float
+
+    def priced_reward(
+        self, requests: torch.Tensor, need: torch.Tensor, multipliers: torch.Tensor
+    ) -> torch.Tensor:
+        """u_i min(1, x_i / N_i) - waste max(0, x_i - N_i) - lambda_i sigmoid((N_i - x_i) / w_i),
+        ``(B, S)``; w_i = COST_SMOOTHING x N_i, so the cost falls from 1 to 0 within a few
+        percent of the need (1 / (1 + e) at 5 % above it)."""
+        satisfaction = torch.clamp((requests + _TINY) / (need + _TINY), max=1.0)
+        reward = self.utility_weight * satisfaction - self.waste_weight * torch.relu(
+            requests - need
+        )
+        cost = torch.sigmoid((need - requests) / (COST_SMOOTHING * need + MIN_COST_WIDTH))
+        return reward - multipliers * cost
 
 
 @contextmanager
@@ -117,6 +166,12 @@ class MADDPGTorchLearner(TorchLearner):
         module.make_target_networks()
         self._targets, self._sources = _polyak_pairs(module)
         self.multipliers = torch.zeros(module.num_slices, dtype=torch.float32, device=self._device)
+        sim = slicing_config(self.config)
+        weights = SliceArrays.from_specs(sim.resolved_slices()).utility_weight
+        self.known = KnownReward(
+            torch.as_tensor(weights, dtype=torch.float32, device=self._device),
+            float(sim.waste_weight),
+        )
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id].unwrapped()
@@ -139,7 +194,7 @@ class MADDPGTorchLearner(TorchLearner):
         the summed MADDPG losses. ``MADDPG.training_step`` uses :meth:`update_from_replay`."""
         module = self.module[module_id].unwrapped()
         critic_loss, actor_loss, _ = maddpg_losses(
-            module, batch, self.multipliers, config.gamma, **_actor_options(config)
+            module, batch, self.multipliers, config.gamma, **_actor_options(config, self.known)
         )
         return critic_loss + actor_loss
 
@@ -158,7 +213,7 @@ class MADDPGTorchLearner(TorchLearner):
         num_updates, batch_size = tensors["obs"].shape[:2]
         targets, sources = self._targets, self._sources
         sums = torch.zeros(3)
-        options = _actor_options(config)
+        options = _actor_options(config, self.known)
         for k in range(num_updates):
             batch = {key: value[k] for key, value in tensors.items()}
             critic_loss, actor_loss, q_mean = maddpg_losses(
@@ -220,10 +275,12 @@ class MADDPGTorchLearner(TorchLearner):
         )
 
 
-def _actor_options(config) -> dict[str, Any]:
+def _actor_options(config, known: KnownReward) -> dict[str, Any]:
     return {
         "cooperative": bool(config.cooperative),
         "request_penalty": float(config.request_penalty),
+        "known": known,
+        "known_reward_weight": float(config.known_reward_weight),
     }
 
 
