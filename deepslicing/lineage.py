@@ -23,8 +23,9 @@ click from a registered version to the run that trained it, its params, curves a
 
 Signature (tensor-based, as the exported graph): input ``obs`` float32 ``(-1, num_slices,
 num_features)``, output ``shares`` float32 ``(-1, num_slices)``; the input example is one seeded
-observation from ``[0, FEATURE_HIGH]`` (``metadata["feature_high"]``), so ``mlflow.pyfunc`` and
-``mlflow models serve`` load and call the model as ``predict(obs)``.
+observation from ``[0, FEATURE_HIGH]`` (``metadata["feature_high"]``), so ``mlflow.pyfunc`` loads
+the model and answers ``predict(obs)`` with ``{"shares": ...}`` (checked against our export by
+``tests/test_mlflow_ui.py``).
 """
 
 from __future__ import annotations
@@ -184,17 +185,18 @@ def register_version(client, model_id: str, model_name: str, tags: Mapping[str, 
 
 
 def gate_sentence(gate: Mapping[str, str], alias: str) -> str:
-    """The gate decision of a version in one sentence (its description in the registry)."""
-    score = f"{metrics.SUITE_SCORE} {gate['challenger_score']}"
+    """The gate decision of a version in one sentence, decision first (its description in the
+    registry, where the versions table shows the first words)."""
+    score = f"{metrics.SUITE_SCORE} {float(gate['challenger_score']):.4f}"
     if gate["champion_version"] == "none":
-        return f"Gate: {score}; no {alias} yet, so this version became the {alias}."
+        return f"Became the {alias} (there was none): {score}."
     against = (
-        f"the {alias}, version {gate['champion_version']}, scored {gate['champion_score']} "
+        f"{alias} version {gate['champion_version']}'s {float(gate['champion_score']):.4f} "
         f"({gate['champion_score_source']})"
     )
     if gate["gate_decision"] == "promoted":
-        return f"Gate: {score} beat {against}; this version became the {alias}."
-    return f"Gate: {score} did not beat {against}; the {alias} stays."
+        return f"Became the {alias}: {score} beat {against}."
+    return f"Not promoted: {score} did not beat {against}; the {alias} stays."
 
 
 def record_gate(

@@ -53,6 +53,8 @@ SLAs 10 % less often gains 0.025, about the utility gap between the best heurist
 
 from __future__ import annotations
 
+import re
+
 SECTION = "deepslicing"
 
 EPISODE_RETURN_MEAN = "episode_return_mean"
@@ -116,6 +118,18 @@ def vocabulary() -> list[tuple[str, tuple[str, ...]]]:
         where = tuple(w.strip() for w in cells[1].split(","))
         rows.extend((name, where) for name in names)
     return rows
+
+
+def documented_name(key: str) -> str | None:
+    """The name of the table that a logged metric ``key`` is (``multiplier/<slice>`` for
+    ``multiplier/urllc``), or None when the table does not document it."""
+    measured = "|".join((UTILITY_MEAN, SLA_VIOLATION_RATE, OBJECTIVE, RESOURCE_USAGE))
+    some = {"<slice>": "[^/]+", "<scenario>": "[^/]+", "<key>": "[^/]+", "<m>": f"({measured})"}
+    for name, _ in vocabulary():
+        parts = re.split(r"(<[a-z]+>)", name)
+        if re.fullmatch("".join(some.get(p, re.escape(p)) for p in parts), key):
+            return name
+    return None
 
 
 def with_objective(summary: dict[str, float]) -> dict[str, float]:

@@ -360,7 +360,7 @@ def register_config(config: RegisterConfig) -> dict[str, Any]:
             model_id,
             config.model_name,
             # full precision: the gate compares a later challenger against this exact number
-            {**tags, metrics.SUITE_SCORE: repr(score), "run_id": run_id},
+            {metrics.SUITE_SCORE: repr(score), **tags, "run_id": run_id},
         )
         if champion is None:
             best, source, decision = None, "none", PROMOTED

@@ -11,12 +11,11 @@ tags name the scenario and variant; the final checkpoint is logged as the ``chec
 How the MLflow UI sees it:
 
 - Every experiment we create or write to is tagged ``mlflow.experimentKind =
-  custom_model_development`` (:data:`MODEL_TRAINING`, the value MLflow's UI itself writes when a
-  user marks an experiment as model training; ``genai_development`` is the other kind) and carries
-  a description (``mlflow.note.content``, shown at the top of the experiment page). MLflow 3.17's UI
-  additionally keeps one global "GenAI / Model training" switch in its sidebar (URL
-  ``?workflowType=machine_learning``); the kind tag is what earlier 3.x UIs and the switch's
-  default-on-open read.
+  custom_model_development`` (:data:`MODEL_TRAINING`; the value MLflow's UI itself writes when a
+  user marks an experiment as model training, ``genai_development`` being the other kind) and
+  carries a description (``mlflow.note.content``, shown at the top of the experiment page). MLflow
+  3.17's UI picks its views from one global "GenAI | Model training" switch in its sidebar (URL
+  ``?workflowType=machine_learning``) rather than from this tag; docs/mlflow.md says so.
 - Every run records who and what made it, as MLflow's own fluent ``start_run`` would
   (:func:`run_tags`): ``mlflow.user``, ``mlflow.source.type`` (``LOCAL``), ``mlflow.source.name``
   (the command, e.g. ``deepslicing train``) and, when the code is a git checkout,
