@@ -254,10 +254,17 @@ def prometheus(service, tmp_path_factory):
         ray.get_runtime_context().gcs_address, str(root), str(root)
     )
     writer.write()
+    # Ray lists each node at its own address; its metrics agents listen on every interface, and
+    # this test's traffic stays on the loopback
+    groups = json.loads(Path(writer.get_target_file_name()).read_text())
+    for group in groups:
+        group["targets"] = ["127.0.0.1:" + t.rsplit(":", 1)[1] for t in group["targets"]]
+    targets = root / "targets.json"
+    targets.write_text(json.dumps(groups))
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     (job,) = config["scrape_configs"]
-    job["file_sd_configs"][0]["files"] = [writer.get_target_file_name()]
+    job["file_sd_configs"][0]["files"] = [str(targets)]
     forced = root / "forced.yml"
     forced.write_text(yaml.safe_dump({"groups": [{"name": "forced", "rules": [forced_alert()]}]}))
     config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]] + [str(forced)]
