@@ -87,7 +87,9 @@ VARIABLES = {"$application": APP_NAME, "$__rate_interval": "1m"}
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess:
     binary = shutil.which("promtool")
     if binary is None:
-        pytest.fail("promtool not found: apt-get install prometheus (.ci/run installs it)")
+        pytest.fail(
+            "promtool not found: apt-get install prometheus (the README's test command installs it)"
+        )
     return subprocess.run(
         [binary, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
     )
