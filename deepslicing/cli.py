@@ -91,6 +91,11 @@ COMMANDS = (
         "deepslicing.dashboard:DashboardConfig:run",
         "write the Grafana dashboard of the service and training (cluster/grafana/deepslicing.json)",
     ),
+    Command(
+        "kuberay",
+        "deepslicing.kuberay:KubeRayConfig:run",
+        "write the KubeRay manifests (cluster/kuberay/); the RayService from serve_config.yaml",
+    ),
 )
 
 
