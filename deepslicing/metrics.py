@@ -177,7 +177,8 @@ def scenario_metrics(prefix: str, rows: list[dict]) -> dict[str, float]:
 # on the service's GET /metrics. Latency in milliseconds.
 SERVE_REQUESTS = "deepslicing_requests"  # counter, tags endpoint, status
 SERVE_LATENCY_MS = "deepslicing_request_latency_ms"  # histogram, tags endpoint, status
-# counter, tag reason: unauthorized, rate_limited, invalid, too_large or infeasible
+# counter, tag reason: unauthorized, rate_limited, invalid, too_large, unsupported_media_type or
+# infeasible
 SERVE_REJECTIONS = "deepslicing_rejections"
 SERVE_SHARE = "deepslicing_allocation_share"  # gauge, tag slice: the last share given
 SERVE_SLA_RISK = "deepslicing_sla_risk"  # gauge, tag slice: the last 1 - min(1, share / need)

@@ -14,7 +14,8 @@ Endpoints (JSON; bodies and rules in :mod:`serve_apps.schemas`, the OpenAPI docu
 
 Every error is JSON ``{"error", "message", "details": [{"field", "rule"}]}``: 400 unparsable JSON,
 401 missing or wrong ``X-API-Key``, 404/405 unknown path or method, 409 SLAs that cannot all be met
-(with ``reject_infeasible``), 413 body over ``max_body_bytes``, 422 a field breaking a rule,
+(with ``reject_infeasible``), 413 body over ``max_body_bytes``, 415 a body whose ``Content-Type`` is
+not JSON, 422 a field breaking a rule,
 429 rate limited (with ``Retry-After``).
 
 Model: loaded once per replica in ``reconfigure`` from ``model``, a registered model URI
@@ -580,6 +581,7 @@ ERRORS = {
         (401, "missing or invalid API key"),
         (409, "the slices' SLAs cannot all be met (reject_infeasible)"),
         (413, "body too large"),
+        (415, "the body is not declared as JSON (Content-Type)"),
         (422, "a field breaks a rule; details name it"),
         (429, "rate limited; see Retry-After"),
     )
@@ -640,8 +642,27 @@ def post_json(path: str, body: type[BaseModel], response: type[BaseModel]):
     )
 
 
+class UnsupportedMediaType(Exception):
+    """A POST body declared as something other than JSON."""
+
+    def __init__(self, content_type: str):
+        self.content_type = content_type
+
+
+def is_json(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type, parameters (``; charset=utf-8``) aside."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
 async def parse(request: Request, model: type[BaseModel]) -> Any:
-    """The body as ``model``; a broken rule raises what FastAPI raises for its typed bodies."""
+    """The body as ``model``; a body not declared as JSON raises :class:`UnsupportedMediaType`,
+    a broken rule what FastAPI raises for its typed bodies."""
+    content_type = request.headers.get("content-type", "")
+    if not is_json(content_type):
+        raise UnsupportedMediaType(content_type)
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as e:
@@ -662,6 +683,18 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
         return error_response(400, "invalid_json", "the body is not valid JSON", details)
     first = details[0] if details else {"field": "body", "rule": "invalid"}
     return error_response(422, "invalid", f"{first['field']}: {first['rule']}", details)
+
+
+@app.exception_handler(UnsupportedMediaType)
+async def unsupported_media_type(request: Request, exc: UnsupportedMediaType) -> JSONResponse:
+    service_metrics().rejection("unsupported_media_type")
+    given = exc.content_type or "none"
+    return error_response(
+        415,
+        "unsupported_media_type",
+        f"Content-Type: must be application/json, got {given}",
+        [{"field": "Content-Type", "rule": "must be application/json"}],
+    )
 
 
 @app.exception_handler(StarletteHTTPException)

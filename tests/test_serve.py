@@ -516,6 +516,24 @@ def test_malformed_requests_get_4xx_json_naming_the_field_and_the_service_keeps_
     assert post("/allocate", {"slices": USE_CASES["operator"]})[0] == 200
 
 
+def test_a_body_not_declared_as_json_gets_415_and_json_with_parameters_is_fine(service):
+    body = json.dumps({"slices": USE_CASES["operator"]}).encode()
+    # (urllib sends application/x-www-form-urlencoded where no type is given, as curl -d does)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        headers = {"X-API-Key": KEY, "Content-Type": content_type}
+        for path in ("/allocate", "/predict"):
+            status, answer, _ = raw_post(path, body, headers)
+            assert status == 415, (content_type, path, status, answer)
+            assert answer["error"] == "unsupported_media_type"
+            assert answer["details"] == [
+                {"field": "Content-Type", "rule": "must be application/json"}
+            ]
+            assert content_type in answer["message"]
+    for content_type in ("application/json; charset=utf-8", "Application/JSON"):
+        headers = {"Content-Type": content_type, "X-API-Key": KEY}
+        assert raw_post("/allocate", body, headers)[0] == 200, content_type
+
+
 def _families(text: str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
