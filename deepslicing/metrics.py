@@ -5,8 +5,9 @@ One vocabulary: a name means the same thing wherever it appears. MADDPG's traini
 iteration, so Tune metrics read ``"deepslicing/utility_mean"`` and MLflow logs the same names.
 Measurements of a finished policy carry a prefix saying which measurement they are: ``eval/`` (a
 training run's final evaluation on traffic it never saw) and ``suite/`` (the registry's suite that
-the champion gate compares). The MLflow UI's chart view groups metrics by the part before the first
-``/``, so each prefix (and each per-slice family) is one section.
+the champion gate compares). The MLflow UI's chart view groups metrics by the part before their
+last ``/`` (3.17, seen in its chart view), so the suite's means are one section (``suite``), each
+scenario of it another (``suite/steady``), the same for ``eval``, and each per-slice family one.
 
 Units: utility and returns are the model's per-interval cell utility (at most 1 per interval, see
 :mod:`deepslicing.model`); rates are fractions in [0, 1]; multipliers are in utility per unit of

@@ -158,3 +158,11 @@ def test_every_documented_name_is_logged_where_the_table_says(store):
     assert missing("model", model_keys) == []
     # and nothing logged is outside the vocabulary
     assert [k for k in run_keys if metrics.documented_name(k) is None] == []
+
+
+def test_an_unknown_training_run_is_refused_naming_run_id(store):
+    checkpoint = store["root"] / "run" / "checkpoints" / "iter_000003"
+    with pytest.raises(ValueError, match="run_id: no MLflow run 'nope'"):
+        register(checkpoint, tracking_uri=store["uri"], run_id="nope", out=str(store["root"] / "x"))
+    versions = store["client"].search_model_versions(f"name='{MODEL_NAME}'")
+    assert [v.version for v in versions] == [int(store["result"]["version"])]  # nothing registered
