@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 import urllib.error
@@ -98,11 +99,10 @@ def stop() -> None:
     global _started_ray
     if not ray.is_initialized():
         return
+    serve.delete(APP_NAME)  # replicas finish the requests they hold first
     if _started_ray:
-        ray.shutdown()  # takes Serve with it
+        ray.shutdown()
         _started_ray = False
-    else:
-        serve.delete(APP_NAME)
 
 
 def request(
@@ -140,14 +140,22 @@ def serve_until_interrupted(url: str, key_hint: str) -> None:
         f"\nServing on {url} (OpenAPI explorer: {url}/docs). Try:\n"
         f"  curl -s -X POST {url}/allocate -H 'Content-Type: application/json' "
         f"-H \"{API_KEY_HEADER}: {key_hint}\" -d '{json.dumps(OPERATOR_REQUEST)}'\n"
-        f"Press Ctrl-C to stop the service (it stops with this command).",
+        f"Press Ctrl-C to stop the service (it stops with this command; SIGTERM, as Kubernetes "
+        f"and systemd send, does the same).",
         flush=True,
     )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # in place of Ray's stack dump and exit
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        print("\nstopping the service")
+        print("\nstopping the service", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_serve(config: ServeConfig) -> int:
