@@ -152,7 +152,7 @@ def test_bench_train_bare_loop_updates_on_the_current_observation_layout():
     """The bare-loop contender of `bench train` (5 minutes in full) builds and updates on replayed
     rows of today's observation, no Ray needed."""
     from deepslicing import metrics
-    from deepslicing.bench_train import bare_learner
+    from deepslicing.bench.train import bare_learner
     from deepslicing.model import NUM_FEATURES
     from policies.maddpg import MADDPGConfig
 

@@ -30,7 +30,7 @@ JSON keys (rates are medians over rounds; a slice-step is one slice of one cell 
   and the machine (``cpus``, ``python``, ``numpy``).
 
 ``bench train``, ``bench export`` and ``bench serve`` are described in
-:mod:`deepslicing.bench_train`, :mod:`deepslicing.bench_export` and :mod:`deepslicing.bench_serve`.
+:mod:`deepslicing.bench.train`, :mod:`deepslicing.bench.export` and :mod:`deepslicing.bench.serve`.
 ``bench export`` only reports (per-call latency of the torch, TorchScript, ONNX and int8 actors for
 3 and 20 slices); it has no goal.
 
@@ -326,19 +326,19 @@ def _log(message: str) -> None:
 
 
 def bench_train(config: BenchConfig) -> dict[str, Any]:
-    from deepslicing.bench_train import bench_train as run_train_bench
+    from deepslicing.bench.train import bench_train as run_train_bench
 
     return run_train_bench(config)
 
 
 def bench_export(config: BenchConfig) -> dict[str, Any]:
-    from deepslicing.bench_export import bench_export as run_export_bench
+    from deepslicing.bench.export import bench_export as run_export_bench
 
     return run_export_bench(config)
 
 
 def bench_serve(config: BenchConfig) -> dict[str, Any]:
-    from deepslicing.bench_serve import bench_serve as run_serve_bench
+    from deepslicing.bench.serve import bench_serve as run_serve_bench
 
     return run_serve_bench(config)
 
