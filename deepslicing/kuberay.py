@@ -12,6 +12,7 @@ The Serve settings exist once, in ``serve_apps/serve_config.yaml``: the RayServi
 | rayjob-sweep.yaml      | RayJob: ``deepslicing tune tune_configs/maddpg_asha.yaml``             |
 | rayservice.yaml        | RayService: the allocation service (``serve_apps/serve_config.yaml``) |
 | mlflow.yaml            | PersistentVolumeClaim, Deployment and Service ``mlflow`` (port 5000)  |
+| mlflow-postgres.yaml   | Secret, PVC, Deployment, Service ``mlflow-postgres``: MLflow's store  |
 | api-keys-secret.yaml   | Secret ``deepslicing-api-keys``: a placeholder the service refuses    |
 
 Every Ray pod runs the image built from ``cluster/Dockerfile`` (the project installed in
@@ -41,6 +42,11 @@ KEYS_SECRET = "deepslicing-api-keys"
 KEYS_FILE_KEY = "keys"  # the Secret's data key, a file of one key per line once mounted
 SERVE_PORT = 8000
 MLFLOW_PORT = 5000
+POSTGRES = "mlflow-postgres"  # the database's Deployment, Service, volume claim and Secret
+POSTGRES_SECRET = POSTGRES
+POSTGRES_PORT = 5432
+# the official image on Debian bookworm, whose `postgresql` package is this major version
+POSTGRES_IMAGE = "postgres:15-bookworm"
 # what a Kubernetes cluster changes in the Serve application's args (all else is the YAML file's)
 CLUSTER_SERVE_ARGS = {
     "host": "0.0.0.0",  # the head pod's Service forwards to the proxy; loopback is unreachable
@@ -162,26 +168,114 @@ def serve_config_v2(config: KubeRayConfig) -> str:
     return yaml.safe_dump(serve, sort_keys=False)
 
 
+def _postgres_env() -> list[dict[str, Any]]:
+    return [{"secretRef": {"name": POSTGRES_SECRET}}]
+
+
+def postgres_secret() -> dict[str, Any]:
+    """The database credentials both the database and MLflow read; the password is a placeholder
+    to replace before the first start (PostgreSQL keeps the one it was initialised with)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": POSTGRES_SECRET, "labels": {"app.kubernetes.io/name": POSTGRES}},
+        "type": "Opaque",
+        "stringData": {
+            "POSTGRES_USER": "mlflow",
+            "POSTGRES_PASSWORD": "change-me",
+            "POSTGRES_DB": "mlflow",
+        },
+    }
+
+
+def postgres_objects() -> list[dict[str, Any]]:
+    """PostgreSQL (the official Debian-based image of the major version Debian's ``postgresql``
+    package installs, the one tests/test_mlflow_postgres.py runs) on a persistent volume, as
+    PersistentVolumeClaim + Deployment + Service ``mlflow-postgres``."""
+    labels = {"app.kubernetes.io/name": POSTGRES}
+    resources = {"cpu": "1", "memory": "1Gi"}
+    ready = 'pg_isready -h 127.0.0.1 -U "$POSTGRES_USER" -d "$POSTGRES_DB"'
+    container = {
+        "name": "postgres",
+        "image": POSTGRES_IMAGE,
+        "envFrom": _postgres_env(),
+        # a folder below the mount: a fresh volume's root may hold lost+found, which initdb refuses
+        "env": [{"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"}],
+        "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT}],
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+        "readinessProbe": {"exec": {"command": ["sh", "-c", ready]}},
+        "resources": {"requests": resources, "limits": resources},
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": POSTGRES, "labels": labels},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": POSTGRES, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "strategy": {"type": "Recreate"},  # one server on the data volume at a time
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "containers": [container],
+                        "volumes": [
+                            {"name": "data", "persistentVolumeClaim": {"claimName": POSTGRES}}
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": POSTGRES, "labels": labels},
+            "spec": {
+                "selector": labels,
+                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres"}],
+            },
+        },
+    ]
+
+
 def mlflow_objects(config: KubeRayConfig) -> list[dict[str, Any]]:
-    """The tracking server every Ray pod reaches: our image's MLflow on a persistent volume
-    (sqlite store, artifacts proxied by the server), as Deployment + Service ``mlflow``."""
+    """The tracking server every Ray pod reaches: our image's MLflow with its runs and registry in
+    PostgreSQL (:func:`postgres_objects`, credentials from the Secret) and the artifacts on a
+    persistent volume, proxied by the server (``mlflow-artifacts:/``; clients need no storage
+    access), as Deployment + Service ``mlflow``."""
     labels = {"app.kubernetes.io/name": "mlflow"}
     command = [
         "mlflow",
         "server",
         "--host=0.0.0.0",
         f"--port={MLFLOW_PORT}",
-        "--backend-store-uri=sqlite:////mlflow/mlflow.db",
         "--artifacts-destination=/mlflow/artifacts",
         "--serve-artifacts",
     ]
+    # the store URI from the Secret's values (Kubernetes expands $(VAR) of earlier variables);
+    # an environment variable, not an argument, so the password is not in the process list
+    store = (
+        "postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)"
+        f"@{POSTGRES}:{POSTGRES_PORT}/$(POSTGRES_DB)"
+    )
     resources = {"cpu": "1", "memory": "2Gi"}
     container = {
         "name": "mlflow",
         "image": config.image,
         "command": command,
+        "envFrom": _postgres_env(),
+        "env": [{"name": "MLFLOW_BACKEND_STORE_URI", "value": store}],
         "ports": [{"name": "http", "containerPort": MLFLOW_PORT}],
-        "volumeMounts": [{"name": "store", "mountPath": "/mlflow"}],
+        "volumeMounts": [{"name": "artifacts", "mountPath": "/mlflow/artifacts"}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
         "resources": {"requests": resources, "limits": resources},
     }
@@ -201,14 +295,14 @@ def mlflow_objects(config: KubeRayConfig) -> list[dict[str, Any]]:
             "metadata": {"name": "mlflow", "labels": labels},
             "spec": {
                 "replicas": 1,
-                "strategy": {"type": "Recreate"},  # one writer of the sqlite file at a time
+                "strategy": {"type": "Recreate"},  # the artifact volume is ReadWriteOnce
                 "selector": {"matchLabels": labels},
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
                         "containers": [container],
                         "volumes": [
-                            {"name": "store", "persistentVolumeClaim": {"claimName": "mlflow"}}
+                            {"name": "artifacts", "persistentVolumeClaim": {"claimName": "mlflow"}}
                         ],
                     },
                 },
@@ -264,8 +358,12 @@ def manifests(config: KubeRayConfig) -> dict[str, tuple[str, list[dict[str, Any]
             [_object("RayService", "deepslicing", service_spec)],
         ),
         "mlflow.yaml": (
-            "The MLflow tracking server the Ray pods reach at the `mlflow` Service.",
+            "The MLflow tracking server the Ray pods reach at the `mlflow` Service, on PostgreSQL.",
             mlflow_objects(config),
+        ),
+        "mlflow-postgres.yaml": (
+            "PostgreSQL, the MLflow server's store; set the Secret's password before applying.",
+            [postgres_secret(), *postgres_objects()],
         ),
         "api-keys-secret.yaml": (
             "API keys of the service. Replace the placeholder: kubectl create secret generic "

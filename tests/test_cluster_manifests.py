@@ -259,7 +259,8 @@ def test_image_and_ray_versions_match_the_pins():
     assert f"-t deepslicing:{project['version']} " in dockerfile
     for name, obj in ALL_OBJECTS:
         text = json.dumps(obj)
-        assert set(re.findall(r'"image": "([^"]+)"', text)) <= {f"deepslicing:{project['version']}"}
+        images = set(re.findall(r'"image": "([^"]+)"', text))
+        assert images <= {f"deepslicing:{project['version']}", kuberay.POSTGRES_IMAGE}, name
         assert set(re.findall(r'"rayVersion": "([^"]+)"', text)) <= {ray_version}, name
 
 
