@@ -206,45 +206,7 @@ def postgres_objects() -> list[dict[str, Any]]:
         "readinessProbe": {"exec": {"command": ["sh", "-c", ready]}},
         "resources": {"requests": resources, "limits": resources},
     }
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": POSTGRES, "labels": labels},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": "10Gi"}},
-            },
-        },
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": POSTGRES, "labels": labels},
-            "spec": {
-                "replicas": 1,
-                "strategy": {"type": "Recreate"},  # one server on the data volume at a time
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "containers": [container],
-                        "volumes": [
-                            {"name": "data", "persistentVolumeClaim": {"claimName": POSTGRES}}
-                        ],
-                    },
-                },
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": POSTGRES, "labels": labels},
-            "spec": {
-                "selector": labels,
-                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres"}],
-            },
-        },
-    ]
+    return server_on_volume(POSTGRES, labels, container, "data", "postgres", POSTGRES_PORT)
 
 
 def mlflow_objects(config: KubeRayConfig) -> list[dict[str, Any]]:
@@ -279,11 +241,25 @@ def mlflow_objects(config: KubeRayConfig) -> list[dict[str, Any]]:
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
         "resources": {"requests": resources, "limits": resources},
     }
+    return server_on_volume("mlflow", labels, container, "artifacts", "http", MLFLOW_PORT)
+
+
+def server_on_volume(
+    name: str,
+    labels: dict[str, str],
+    container: dict[str, Any],
+    volume: str,
+    port_name: str,
+    port: int,
+) -> list[dict[str, Any]]:
+    """One server with its own persistent volume (10 Gi, ReadWriteOnce) as
+    PersistentVolumeClaim + Deployment + Service, all called ``name``: one replica, replaced with
+    ``Recreate`` since only one pod may mount the volume; the Service reaches ``port_name``."""
     return [
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "mlflow", "labels": labels},
+            "metadata": {"name": name, "labels": labels},
             "spec": {
                 "accessModes": ["ReadWriteOnce"],
                 "resources": {"requests": {"storage": "10Gi"}},
@@ -292,18 +268,16 @@ def mlflow_objects(config: KubeRayConfig) -> list[dict[str, Any]]:
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": {"name": "mlflow", "labels": labels},
+            "metadata": {"name": name, "labels": labels},
             "spec": {
                 "replicas": 1,
-                "strategy": {"type": "Recreate"},  # the artifact volume is ReadWriteOnce
+                "strategy": {"type": "Recreate"},
                 "selector": {"matchLabels": labels},
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
                         "containers": [container],
-                        "volumes": [
-                            {"name": "artifacts", "persistentVolumeClaim": {"claimName": "mlflow"}}
-                        ],
+                        "volumes": [{"name": volume, "persistentVolumeClaim": {"claimName": name}}],
                     },
                 },
             },
@@ -311,10 +285,10 @@ def mlflow_objects(config: KubeRayConfig) -> list[dict[str, Any]]:
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": "mlflow", "labels": labels},
+            "metadata": {"name": name, "labels": labels},
             "spec": {
                 "selector": labels,
-                "ports": [{"name": "http", "port": MLFLOW_PORT, "targetPort": "http"}],
+                "ports": [{"name": port_name, "port": port, "targetPort": port_name}],
             },
         },
     ]
