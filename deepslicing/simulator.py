@@ -69,6 +69,9 @@ class SlicingConfig:
     trace_path: str | None = option(
         None, "CSV of demands for the trace scenario: a header naming one column per slice"
     )
+    backend: Literal["fast", "ns3"] = option(
+        "fast", "fast (the model's formulas) or ns3 (packets on ns-3: ns3_gym/, the [ns3] extra)"
+    )
 
     def __post_init__(self) -> None:
         check_scenario(self.scenario)
@@ -119,6 +122,14 @@ class ActionError(ValueError):
 
 
 class SlicingSimulator:
+    def __new__(cls, config: SlicingConfig | None = None, num_envs: int = 1):
+        # backend="ns3" builds the packet-level subclass; ns3_gym loads ns-3 only then
+        if cls is SlicingSimulator and config is not None and config.backend != "fast":
+            from ns3_gym.simulator import backend_class
+
+            cls = backend_class(config.backend)
+        return super().__new__(cls)
+
     def __init__(self, config: SlicingConfig, num_envs: int = 1):
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs: must be an integer >= 1, got {num_envs!r}")
