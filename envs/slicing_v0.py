@@ -30,7 +30,9 @@ max(0, share_i - needed_i); the rewards of all slices add up to the cell's utili
 :data:`SCENARIOS`, default ``"steady"``), ``num_slices`` (1..20, default 3), ``kinds``, ``slices``
 (full specs), ``episode_length`` (200), ``num_prbs`` (100), ``prb_bandwidth_khz`` (180),
 ``interval_s`` (1.0), ``waste_weight`` (0.5), ``coordinator`` (``"projection"`` or ``"admm"``),
-``admm_rho`` (0.5), ``admm_iterations`` (20), ``trace_path`` (CSV for ``scenario="trace"``).
+``admm_rho`` (0.5), ``admm_iterations`` (20), ``trace_path`` (CSV for ``scenario="trace"``),
+``backend`` (``"fast"``, the model's formulas, or ``"ns3"``, the same env on ns-3 packets: see
+:mod:`ns3_gym.simulator`; ``close()`` hands its simulator back).
 Seeding: ``reset(seed=s)`` fixes the traffic of that episode and of the unseeded resets after it.
 
 **Version history.** v0: first release; observations grew from 6 to 12 features (the derived
@@ -135,4 +137,6 @@ class SlicingParallelEnv(ParallelEnv):
         return None
 
     def close(self) -> None:
-        return None
+        close = getattr(self.sim, "close", None)  # the ns-3 backend holds a simulator to give back
+        if close is not None:
+            close()

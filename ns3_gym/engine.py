@@ -147,7 +147,12 @@ class LocalEngine:
 
 
 class RemoteEngine:
-    """A :class:`LocalEngine` in its own Ray actor (its own process, so its own ns-3)."""
+    """A :class:`LocalEngine` in its own Ray actor (its own process, so its own ns-3).
+
+    A closed engine's actor waits in this process's pool for the next :class:`RemoteEngine` of
+    the same Ray session (starting one imports ns-3 and compiles the cell, about 10 s)."""
+
+    _idle: list = []  # (Ray session's GCS address, actor handle)
 
     def __init__(self) -> None:
         import ray
@@ -156,10 +161,15 @@ class RemoteEngine:
             from deepslicing.ray_runtime import init_ray
 
             init_ray()
-        actor = ray.remote(num_cpus=0)(_EngineActor)
-        self._actor = actor.options(
-            runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}
-        ).remote()
+        self._job = ray.get_runtime_context().gcs_address
+        pool = RemoteEngine._idle
+        RemoteEngine._idle = [(job, a) for job, a in pool if job == self._job]
+        if RemoteEngine._idle:
+            self._actor = RemoteEngine._idle.pop()[1]
+        else:
+            actor = ray.remote(num_cpus=0)(_EngineActor)
+            env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+            self._actor = actor.options(runtime_env=env).remote()
 
     def build(self, links: Links) -> None:
         import ray
@@ -172,9 +182,9 @@ class RemoteEngine:
         return ray.get(self._actor.run.remote(bps, amount, interval_s))
 
     def close(self) -> None:
-        import ray
-
-        ray.kill(self._actor)
+        if self._actor is not None:
+            RemoteEngine._idle.append((self._job, self._actor))
+            self._actor = None
 
 
 class _EngineActor:
