@@ -20,8 +20,10 @@ not JSON, 422 a field breaking a rule,
 
 Model: loaded once per replica in ``reconfigure`` from ``model``, a registered model URI
 (``models:/deepslicing-allocator@champion``, ONNX through onnxruntime) or an export directory
-(``format`` onnx, int8 or torchscript). All settings travel as the deployment's ``user_config``,
-so a new champion is picked up by redeploying with changed settings (``serve deploy`` of the
+(``format`` onnx, int8 or torchscript). A registered model is downloaded by a short-lived Ray task
+on the replica's node (:func:`fetch_registered_outside`), so MLflow and its data stack never load
+into a replica (RSS 512 -> 376 MiB, ``docs/benchmarks.md``). All settings travel as the
+deployment's ``user_config``, so a new champion is picked up by redeploying with changed settings (``serve deploy`` of the
 config file, or ``serve.run(build_app(...))``): a new ``model``, or, when the alias moved under
 the same URI, a new ``revision``. Serve then rolls the deployment: new replicas load the new model
 and take traffic once healthy, old ones finish their requests and stop, so none is dropped. (A
@@ -213,14 +215,14 @@ class Service:
         from deepslicing.tracking import tracking_uri
 
         if config.model.startswith("models:/"):
-            from deepslicing.registry import download_export
-
+            files, model_version = fetch_registered_outside(
+                config.model, tracking_uri(config.tracking_uri)
+            )
             scratch = Path(tempfile.mkdtemp(prefix="deepslicing-model-"))
             try:
-                export_dir, model_version = download_export(
-                    config.model, scratch, tracking_uri(config.tracking_uri)
-                )
-                policy = load_exported(export_dir, "onnx")
+                for name, data in files.items():
+                    (scratch / name).write_bytes(data)
+                policy = load_exported(scratch, "onnx")
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         else:
@@ -269,6 +271,38 @@ class Service:
             "guardrail": dataclasses.asdict(self.guardrail),
             "metadata": {k: v for k, v in self.policy.metadata.items() if k != "env"},
         }
+
+
+def fetch_registered(model_uri: str, uri: str) -> tuple[dict[str, bytes], str]:
+    """A registered model's export files (name -> bytes: the ONNX actors and their metadata) and
+    the version ``model_uri`` resolved to, downloaded from the MLflow store ``uri``."""
+    from deepslicing.registry import download_export
+
+    scratch = Path(tempfile.mkdtemp(prefix="deepslicing-fetch-"))
+    try:
+        export_dir, version = download_export(model_uri, scratch, uri)
+        return {p.name: p.read_bytes() for p in export_dir.iterdir() if p.is_file()}, version
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fetch_registered_outside(model_uri: str, uri: str) -> tuple[dict[str, bytes], str]:
+    """:func:`fetch_registered` in a short-lived Ray task on this node when Ray runs (the worker
+    exits after it: ``max_calls=1``), else in this process. MLflow and what it maps (SQLAlchemy,
+    pandas, pyarrow, scipy; about 130 MB) then never load into a replica, which keeps only the
+    files; on this node, so a sqlite store or a local artifact path resolves as it would here."""
+    import ray
+
+    if not ray.is_initialized():
+        return fetch_registered(model_uri, uri)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_calls=1, max_retries=0, scheduling_strategy=here)
+    try:
+        return ray.get(task(fetch_registered).remote(model_uri, uri))
+    except ray.exceptions.RayTaskError as e:  # the download's own error (a clear ValueError)
+        raise e.cause from None
 
 
 # --- metrics ------------------------------------------------------------------------------------

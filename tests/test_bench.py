@@ -120,7 +120,7 @@ def test_bench_serve_json_line(capsys):
     goals = GOALS["serve"]
     goals_met = all(meets_goal(key, result[key], goal) for key, goal in goals.items())
     assert result["goals"] == goals and result["goals_met"] is goals_met
-    assert result["goal_ceilings"] == ["p95_ms_c1"] == sorted(CEILINGS)
+    assert result["goal_ceilings"] == ["p95_ms_c1", "replica_rss_ratio_vs_noop"] == sorted(CEILINGS)
     assert code == (0 if goals_met else 1)
 
     assert result["target"] == "serve" and result["errors"] == 0
@@ -145,7 +145,14 @@ def test_bench_serve_json_line(capsys):
     )
     assert 0 <= result["guardrail_max_abs_diff_vs_cvxpy"] <= 1e-4
     assert result["cvxpy_solver"]
-    assert "rps_ratio_vs_noop" in err  # progress goes to stderr
+    for figure in ("rss", "uss"):
+        ours, noop = result[f"ours_replica_{figure}_mb"], result[f"noop_replica_{figure}_mb"]
+        assert noop > 0 and ours > 0
+        assert result[f"replica_{figure}_ratio_vs_noop"] == pytest.approx(ours / noop, rel=1e-12)
+    # the replica answers from a models:/ URI without MLflow, its data stack or cvxpy in it
+    assert {"numba", "onnxruntime"} <= set(result["ours_replica_modules"])
+    assert not {"mlflow", "sqlalchemy", "cvxpy", "torch"} & set(result["ours_replica_modules"])
+    assert "rps_ratio_vs_noop" in err and "replica_rss_ratio_vs_noop" in err  # progress: stderr
 
 
 def test_bench_train_bare_loop_updates_on_the_current_observation_layout():

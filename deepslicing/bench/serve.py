@@ -22,8 +22,24 @@ machine of ``docs/benchmarks.md``, which would measure an endpoint nobody could 
 Serve's overhead.
 
 The model is a fresh seeded actor for the default 3 slices exported to ONNX in a temporary directory
-(:func:`deepslicing.export.export_untrained`; latency does not depend on training); the API key is
-a random one in a temporary key file.
+(:func:`deepslicing.export.export_untrained`; latency does not depend on training), registered as
+``deepslicing-allocator`` with the alias ``champion`` in a temporary MLflow sqlite store, and served
+from ``models:/deepslicing-allocator@champion`` as ``deepslicing serve`` does by default; the API
+key is a random one in a temporary key file.
+
+Memory: after the last round, each replica of ``ours`` and ``noop`` reports its own resident set
+(``psutil``, run inside the live replica through the actor's ``__ray_call__``): RSS, the figure the
+goal uses, and USS (pages no other process shares: what one more replica costs a node whose other
+replicas already map the same libraries), and which of the heavy packages it has imported
+(:data:`HEAVY_MODULES`).
+
+Unit costs (for sizing a cluster, ``cluster/README.md``): after the rounds, ``noop`` at c=16, ours
+at c=1 and c=16 and ``batch`` run once more for ``seconds`` each while the CPU time (user + system)
+of the replica process and of the ingress is read before and after (``psutil``; the ingress is
+HAProxy, or Serve's proxy actor, found among this run's Ray processes; not read when joining a
+cluster through ``RAY_ADDRESS``). The client's CPU is not counted. CPU per decision = CPU time /
+cells answered (1 per ``/allocate`` request, ``batch_cells`` per batch request). These extra runs
+do not enter the rounds' figures.
 
 Load generator (the same for ``noop`` and ``ours``, and for ``batch``): one aiohttp
 ``ClientSession`` per concurrency level with keep-alive connections (``TCPConnector(limit=C)``),
@@ -47,7 +63,13 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
   all rounds; ``X_cC_rounds``: each round's ``{"rps", "p50_ms", "p95_ms", "p99_ms", "requests"}``;
 - ``p95_ms_c1`` = ``ours_c1_p95_ms`` (goal <= 10);
 - ``rps_ratio_vs_noop_c1``, ``rps_ratio_vs_noop_c16``: ``ours_cC_rps / noop_cC_rps`` (goal at 16:
-  >= 0.8);
+  >= 0.65);
+- ``replica_rss_ratio_vs_noop`` = ``ours_replica_rss_mb / noop_replica_rss_mb`` (goal <= 1.3);
+  ``X_replica_rss_mb``, ``X_replica_uss_mb`` (MiB, the mean over the app's replicas, 1 here),
+  ``X_replica_modules`` (the :data:`HEAVY_MODULES` imported in its replicas), ``replica_uss_ratio_vs_noop``;
+- ``cpu_ms_per_decision_U`` (``U`` in ``noop_c16``, ``ours_c1``, ``ours_c16``, ``batch``): replica
+  CPU milliseconds per cell decision (per request for the noop); ``ingress_cpu_ms_per_decision_U``
+  the ingress's (absent with ``RAY_ADDRESS``); ``decisions_U``, the cells answered while measured;
 - ``batch_requests_per_s``, ``batch_p50_ms``; ``batch_allocations_per_s`` =
   ``batch_requests_per_s`` x ``batch_cells`` x 3 slice-allocations per second (goal >= 20,000);
   ``batch_rounds``;
@@ -64,6 +86,7 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
 # No ``from __future__ import annotations``: Serve's ingress rebuilds the noop endpoint's signature,
 # and FastAPI must see ``Request`` as a class, not a string.
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -93,6 +116,21 @@ NOOP_APP = "bench-noop"
 NOOP_PREFIX = "/noop"
 REQUEST_TIMEOUT_S = 60.0
 NOOP_ANSWER = {"status": "ok"}
+# packages a replica should not need to answer (MLflow's store and its data stack, cvxpy, torch),
+# and the two it does (numba: the compiled guardrail; onnxruntime: the actors)
+HEAVY_MODULES = (
+    "mlflow",
+    "sqlalchemy",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "cvxpy",
+    "torch",
+    "numba",
+    "onnxruntime",
+)
+MODEL_NAME = "deepslicing-allocator"
+ALIAS = "champion"
 
 noop_api = FastAPI()
 
@@ -120,7 +158,7 @@ def bench_serve(config) -> dict[str, Any]:
     from deepslicing.bench import _log, interleave
     from deepslicing.export import export_untrained
     from deepslicing.ray_runtime import init_ray, resolve_ingress
-    from serve_apps.allocator import API_KEY_HEADER, ServeConfig
+    from serve_apps.allocator import API_KEY_HEADER, APP_NAME, DEPLOYMENT_NAME, ServeConfig
 
     ingress = resolve_ingress(config.ingress)
     rng = np.random.default_rng(config.seed)
@@ -136,8 +174,11 @@ def bench_serve(config) -> dict[str, Any]:
         keys_file.write_text(key + "\n")
         model = Path(scratch) / "model"
         export_untrained(model, config.seed, "bench-serve-untrained", NUM_SLICES)
+        store = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
+        model_uri = register_untrained(model, store, config.seed)
         serve_config = ServeConfig(
-            model=str(model),
+            model=model_uri,
+            tracking_uri=store,
             api_keys_file=str(keys_file),
             rate_limit_per_s=RATE_LIMIT,
             rate_limit_burst=int(RATE_LIMIT),
@@ -213,6 +254,19 @@ def bench_serve(config) -> dict[str, Any]:
                 contender.rounds.clear()
             _log(f"  warmed up {len(contenders)} contenders ({config.warmup_seconds:g} s each)")
             interleave(contenders, config.rounds, config.seconds, labels)
+            memory = {
+                "ours": replica_memory(APP_NAME, DEPLOYMENT_NAME),
+                "noop": replica_memory(NOOP_APP, Noop.name),
+            }
+            unit_costs = {
+                unit: cpu_per_decision(http[name], app, config.seconds, cells)
+                for unit, name, app, cells in (
+                    ("noop_c16", "noop_c16", (NOOP_APP, Noop.name), 1),
+                    ("ours_c1", "ours_c1", (APP_NAME, DEPLOYMENT_NAME), 1),
+                    ("ours_c16", "ours_c16", (APP_NAME, DEPLOYMENT_NAME), 1),
+                    ("batch", "batch", (APP_NAME, DEPLOYMENT_NAME), BATCH_CELLS),
+                )
+            }
         finally:
             for session in sessions.values():
                 loop.run_until_complete(session.close())
@@ -234,6 +288,19 @@ def bench_serve(config) -> dict[str, Any]:
     result["p95_ms_c1"] = result["ours_c1_p95_ms"]
     for c in CONCURRENCY:
         result[f"rps_ratio_vs_noop_c{c}"] = result[f"ours_c{c}_rps"] / result[f"noop_c{c}_rps"]
+    for name, replicas in memory.items():
+        for figure in ("rss_mb", "uss_mb"):
+            result[f"{name}_replica_{figure}"] = statistics.mean(r[figure] for r in replicas)
+        result[f"{name}_replica_modules"] = sorted({m for r in replicas for m in r["modules"]})
+    for figure in ("rss", "uss"):
+        result[f"replica_{figure}_ratio_vs_noop"] = (
+            result[f"ours_replica_{figure}_mb"] / result[f"noop_replica_{figure}_mb"]
+        )
+    for unit, (replica_ms, ingress_ms, decisions) in unit_costs.items():
+        result[f"cpu_ms_per_decision_{unit}"] = replica_ms
+        if ingress_ms is not None:
+            result[f"ingress_cpu_ms_per_decision_{unit}"] = ingress_ms
+        result[f"decisions_{unit}"] = decisions
     batch_rounds = http["batch"].rounds
     result["batch_requests_per_s"] = statistics.median(r["rps"] for r in batch_rounds)
     result["batch_p50_ms"] = statistics.median(r["p50_ms"] for r in batch_rounds)
@@ -278,11 +345,139 @@ def bench_serve(config) -> dict[str, Any]:
             + f" (rps_ratio_vs_noop {result[f'rps_ratio_vs_noop_c{c}']:.2f})"
         )
     _log(
+        "bench serve, replica memory: "
+        + ", ".join(
+            f"{n} RSS {result[f'{n}_replica_rss_mb']:.0f} MiB (USS "
+            f"{result[f'{n}_replica_uss_mb']:.0f}; {', '.join(result[f'{n}_replica_modules'])})"
+            for n in ("noop", "ours")
+        )
+        + f" (replica_rss_ratio_vs_noop {result['replica_rss_ratio_vs_noop']:.2f})"
+    )
+    _log(
+        "bench serve, CPU ms per cell decision (replica + ingress): "
+        + ", ".join(
+            f"{unit} {ms:.3f} + " + ("?" if ingress is None else f"{ingress:.3f}")
+            for unit, (ms, ingress, _) in unit_costs.items()
+        )
+    )
+    _log(
         f"bench serve: batch {result['batch_allocations_per_s']:,.0f} slice-allocations/s; "
         f"guardrail {result['guardrail_us']:.1f} us, cvxpy {result['cvxpy_us']:.1f} us per call "
         f"(speedup {result['guardrail_speedup_vs_cvxpy']:.1f})"
     )
     return result
+
+
+# --- the model and the replicas' memory ------------------------------------------------------------
+
+
+def register_untrained(export_dir: Path, uri: str, seed: int) -> str:
+    """The export at ``export_dir`` registered in the MLflow store ``uri`` as a version of
+    :data:`MODEL_NAME` (its run in a ``bench-serve`` experiment) with the alias :data:`ALIAS`; the
+    ``models:/NAME@ALIAS`` URI the service loads."""
+    from mlflow import MlflowClient
+
+    from deepslicing import lineage
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("bench-serve")).info.run_id
+    model_id = lineage.log_model(client, run_id, export_dir, [], 0, {}, {}, seed)
+    version = lineage.register_version(client, model_id, MODEL_NAME, {})
+    client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
+    client.set_terminated(run_id)
+    return f"models:/{MODEL_NAME}@{ALIAS}"
+
+
+def process_memory(_actor: Any) -> dict[str, Any]:
+    """This process's RSS and USS (MiB) and the :data:`HEAVY_MODULES` it has imported; run inside a
+    replica by ``__ray_call__`` (which passes the actor first)."""
+    import sys
+
+    import psutil
+
+    full = psutil.Process().memory_full_info()
+    return {
+        "rss_mb": full.rss / 2**20,
+        "uss_mb": full.uss / 2**20,
+        "modules": [m for m in HEAVY_MODULES if m in sys.modules],
+    }
+
+
+def replica_memory(app: str, deployment: str) -> list[dict[str, Any]]:
+    """:func:`process_memory` of every live replica of ``deployment`` in ``app``."""
+    import ray
+
+    actors = replica_actors(app, deployment)
+    if not actors:
+        raise RuntimeError(f"bench serve: no replica of {app}/{deployment} is running")
+    return ray.get([actor.__ray_call__.remote(process_memory) for actor in actors])
+
+
+def process_cpu(_actor: Any = None) -> float:
+    """CPU seconds (user + system) this process has used; ``__ray_call__`` passes the actor."""
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def replica_actors(app: str, deployment: str) -> list[Any]:
+    import ray
+    from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
+
+    prefix = f"{REPLICA_ID_FULL_ID_STR_PREFIX}{app}#{deployment}#"
+    return [
+        ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    ]
+
+
+def ingress_processes() -> list[Any]:
+    """HAProxy or Serve's proxy actor among the processes this run's local Ray started (none when
+    joining a cluster)."""
+    import psutil
+
+    if os.environ.get("RAY_ADDRESS"):
+        return []
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "haproxy" or "ProxyActor" in " ".join(child.cmdline()[:1]):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def cpu_per_decision(
+    load: "HttpLoad", app: tuple[str, str], seconds: float, cells: int
+) -> tuple[float, float | None, int]:
+    """One more run of ``load`` for ``seconds`` (its round dropped afterwards): CPU milliseconds
+    per cell decision of the app's replicas and of the ingress (None when not found), and the cells
+    answered."""
+    import psutil
+    import ray
+
+    actors = replica_actors(*app)
+    ingress = ingress_processes()
+
+    def read() -> tuple[float, float]:
+        replicas = sum(ray.get([a.__ray_call__.remote(process_cpu) for a in actors]))
+        proxy = 0.0
+        for process in ingress:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                proxy += times.user + times.system
+        return replicas, proxy
+
+    before = read()
+    load(seconds)
+    after = read()
+    decisions = load.rounds.pop()["requests"] * cells
+    replica_ms = (after[0] - before[0]) * 1e3 / decisions
+    ingress_ms = (after[1] - before[1]) * 1e3 / decisions if ingress else None
+    return replica_ms, ingress_ms, decisions
 
 
 # --- the service under load ----------------------------------------------------------------------
