@@ -14,12 +14,16 @@ A slice in a request has a name, SLA targets and optional readings of the interv
 | `spectral_efficiency` | bit/s/Hz                      | the kind's mean (4.5 eMBB, 2.5 URLLC, 1.2 mMTC) |
 | `current_share`       | fraction of the cell          | min(1, needed share): as if the SLA held      |
 | `previous_demand`     | the kind's demand unit        | `demand` (no change: a flat history)           |
+| `demand_level`        | the kind's demand unit        | 0.8 `previous_demand` + 0.2 `demand`, else `demand` |
+| `spectral_efficiency_level` | bit/s/Hz                | `spectral_efficiency`                          |
 
 and the cell a ``time_of_day`` in [0, 1] (default 0.5), the policy's ``episode_progress`` feature
 (and its sin/cos). ``previous_demand`` (the interval before the last) gives the policy its short
 history: the previous need and the forecaster of :mod:`deepslicing.forecast` after those two
 intervals; without it the derived features take their single-reading defaults
-(:func:`deepslicing.model.complete_features`). The capacity price feature is 0 (the service does
+(:func:`deepslicing.model.complete_features`). The two levels are the slow averages of
+:func:`deepslicing.forecast.smooth_levels` (features 12 and 13); the defaults are what that
+smoothing gives after the readings the request carries. The capacity price feature is 0 (the service does
 not know the cell's last price).
 Demand units: eMBB offered Mbps, URLLC packets/s, mMTC devices per interval
 (:mod:`deepslicing.slices`). A slice with no targets takes its kind's default SLA.
@@ -32,7 +36,7 @@ mmtc; else embb.
 Steps per cell:
 
 1. needed share of every slice from its targets and readings (:func:`deepslicing.model.needed_share`);
-2. the policy's requested share: each slice is fed, as its 12 features, to the model's first actor
+2. the policy's requested share: each slice is fed, as its 14 features, to the model's first actor
    of the same kind (actors are decentralised, so any number of slices can share one actor); a
    slice whose kind the model has no actor for requests its needed share (``source`` = "need");
 3. guardrail: each slice is first reserved ``qos_floor`` x its needed share (when the reserves fit
@@ -75,6 +79,7 @@ from deepslicing.coordinator import (
     check_objective,
 )
 from deepslicing.coordinator import coordinate as coordinate_shares
+from deepslicing.scenarios import SPECTRAL_EFFICIENCY_RANGE
 from deepslicing.slices import KIND_DEFAULTS, KINDS, TARGET_BOUNDS
 
 TARGETS = tuple(TARGET_BOUNDS)
@@ -142,6 +147,8 @@ class SliceInput:
     spectral_efficiency: float | None = None
     current_share: float | None = None
     previous_demand: float | None = None
+    demand_level: float | None = None
+    spectral_efficiency_level: float | None = None
 
 
 @dataclass(frozen=True)
@@ -245,15 +252,31 @@ def allocate_group(
     single, two = forecast.start(need), forecast.update(forecast.start(previous_need), need)
     known = ~np.isnan(previous)
     history = forecast.Forecast(*(np.where(known, b, a) for a, b in zip(single, two, strict=True)))
+    traffic = model.traffic_features(slices, demand, efficiency, need)
+    previous_ratio = _fill(previous, demand) / slices.mean_demand
+    smoothed_ratio = forecast.smooth_levels(
+        np.stack((previous_ratio, traffic[..., 1]), axis=-1), traffic[..., :2]
+    )[..., 0]
+    levels = np.stack(
+        (
+            _fill(column(lambda s: s.demand_level) / slices.mean_demand, smoothed_ratio),
+            _fill(
+                column(lambda s: s.spectral_efficiency_level) / SPECTRAL_EFFICIENCY_RANGE[1],
+                traffic[..., 1],
+            ),
+        ),
+        axis=-1,
+    )
     progress = np.broadcast_to(np.asarray(time_of_day, dtype=np.float64)[:, None], need.shape)
     features = model.observe(
-        model.traffic_features(slices, demand, efficiency, need),
+        traffic,
         current,
         model.satisfaction(current, need),
         progress,
         history,
         np.where(known, previous_need, need),
         np.zeros_like(need),
+        levels,
     )
     requested, from_policy = request_shares(actor, actor_kinds, kind, features, need)
     share, primal, dual = guard(

@@ -1,7 +1,7 @@
 """Reference allocation policies: what an operator would run instead of a learned policy, and the
 per-interval oracle.
 
-A policy maps the observation ``(num_envs, num_slices, 12)`` (:data:`deepslicing.model.FEATURES`)
+A policy maps the observation ``(num_envs, num_slices, 14)`` (:data:`deepslicing.model.FEATURES`)
 to requested shares ``(num_envs, num_slices)``; the simulator's coordinator makes them feasible.
 The comparators see what the agents see (the interval just finished, and the slice's own forecast
 of the next one); the oracle sees the true needed shares of the interval it allocates, so it is an

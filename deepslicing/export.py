@@ -4,7 +4,7 @@ Only the decentralised actors are exported (no critics, no target networks), wit
 transform and standardisation inside the graph, so an exported file maps raw observations to
 requested shares:
 
-- input ``obs``: float32 ``(batch, num_slices, 12)``, each slice's own features in
+- input ``obs``: float32 ``(batch, num_slices, 14)``, each slice's own features in
   :data:`deepslicing.model.FEATURES` order (units and ranges in :mod:`deepslicing.model`; the
   actors were trained on values in ``[0, FEATURE_HIGH]``); ``batch`` is a dynamic axis;
 - output ``shares``: float32 ``(batch, num_slices)``, each slice's requested share of the cell's
@@ -55,7 +55,7 @@ lower). The uniform draw over the whole feature box is harsher than real traffic
 the standardisation's centre. Use `int8` where a few hundredths of a share do not matter; the
 float formats are exact to float32 rounding.
 
-:func:`load_exported` loads any format back as a numpy callable ``(E, S, 12) -> (E, S)`` float32
+:func:`load_exported` loads any format back as a numpy callable ``(E, S, 14) -> (E, S)`` float32
 (onnxruntime sessions with one intra-op thread; ``torch.jit.load``), which the Serve app uses.
 """
 
@@ -189,7 +189,7 @@ def algorithm_config(checkpoint: Path):
 
 def actor_wrapper(module):
     """A plain ``nn.Module`` around a copy of an inference-only MADDPG module whose forward is
-    the module's ``act``: ``obs (batch, S, 12) -> shares (batch, S)``."""
+    the module's ``act``: ``obs (batch, S, 14) -> shares (batch, S)``."""
     import torch
     from torch import nn
 
@@ -278,7 +278,7 @@ def export_int8(onnx_path: Path, path: Path) -> dict[str, list[str]]:
 
 
 class ExportedPolicy:
-    """An exported actor as a numpy callable ``obs (E, S, 12) -> shares (E, S)`` float32."""
+    """An exported actor as a numpy callable ``obs (E, S, 14) -> shares (E, S)`` float32."""
 
     def __init__(self, directory: str | Path, format: str = "onnx") -> None:
         directory = Path(directory)
@@ -333,7 +333,7 @@ class ExportedPolicy:
 
 
 def load_exported(directory: str | Path, format: str = "onnx") -> ExportedPolicy:
-    """Load an export written by :func:`run` as a numpy callable ``(E, S, 12) -> (E, S)``."""
+    """Load an export written by :func:`run` as a numpy callable ``(E, S, 14) -> (E, S)``."""
     return ExportedPolicy(directory, format)
 
 

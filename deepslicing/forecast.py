@@ -17,6 +17,11 @@ one-step forecast was 13.3 % (steady), 12.9 % (diurnal), 24.1 % (burst), 14.7 % 
 worse on at least four of the five (demand noise is i.i.d. and fading mean-reverting, so a trend
 term chases noise). ``err_alpha`` 0.2 averages about the last five intervals. A fresh history
 starts at level = the first need, trend 0 and error = ``INITIAL_RELATIVE_ERROR`` x that need.
+
+Beside the need forecast, :func:`smooth_levels` keeps slow levels of the slice's demand ratio
+(alpha 0.2, about the last five intervals) and normalised spectral efficiency (alpha 0.1, the
+channel's AR(1) correlation is 0.9, see :mod:`deepslicing.scenarios`), features 12 and 13 of
+:mod:`deepslicing.model`. A fresh level starts at the first reading.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ ALPHA = 0.7
 BETA = 0.0
 ERROR_ALPHA = 0.2
 INITIAL_RELATIVE_ERROR = 0.15  # about the measured one-step error above
+LEVEL_ALPHAS = np.array([0.2, 0.1])  # demand ratio, spectral efficiency
 
 
 class Forecast(NamedTuple):
@@ -56,3 +62,9 @@ def update(state: Forecast, need: np.ndarray, alpha: float = ALPHA, beta: float 
     trend = beta * (level - state.level) + (1.0 - beta) * state.trend
     error = ERROR_ALPHA * np.abs(need - predicted) + (1.0 - ERROR_ALPHA) * state.error
     return Forecast(level=level, trend=trend, error=error)
+
+
+def smooth_levels(levels: np.ndarray, readings: np.ndarray) -> np.ndarray:
+    """Slow levels ``(..., 2)`` after the readings ``(..., 2)`` (demand ratio, spectral
+    efficiency) of the interval just finished."""
+    return LEVEL_ALPHAS * readings + (1.0 - LEVEL_ALPHAS) * levels

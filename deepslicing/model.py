@@ -22,7 +22,7 @@ Per slice and interval:
   slices' rewards add up to the cell's utility, at most 1 per interval.
 - cost_i = 1 when slice i's SLA is violated, else 0. Costs are reported apart from rewards.
 
-Observation, 12 features per slice, of the interval just finished:
+Observation, 14 features per slice, of the interval just finished:
 
 | index | name                  | meaning                                             | range   |
 |-------|-----------------------|-----------------------------------------------------|---------|
@@ -38,16 +38,25 @@ Observation, 12 features per slice, of the interval just finished:
 | 9     | `time_sin`            | (1 + sin(2 pi episode_progress)) / 2                | [0, 1]  |
 | 10    | `time_cos`            | (1 + cos(2 pi episode_progress)) / 2                | [0, 1]  |
 | 11    | `capacity_price`      | coordinator's capacity price / the slice's weight   | [0, 10] |
+| 12    | `demand_level`        | slow level of `demand_ratio` (EWMA, alpha 0.2)      | [0, 10] |
+| 13    | `channel_level`       | slow level of `spectral_efficiency` (EWMA, 0.1)     | [0, 1]  |
 
 Features 0..5 are the *measured* features (:data:`MEASURED_FEATURES`: what a slice reports and
-what ``POST /predict`` takes); 6..11 are derived, from the slice's own history (6..8,
-:mod:`deepslicing.forecast`), the clock (9, 10: a day is one episode, as sin/cos so midnight is next
+what ``POST /predict`` takes); 6..13 are derived, from the slice's own history (6..8 and the slow
+levels 12, 13, :mod:`deepslicing.forecast`), the clock (9, 10: a day is one episode, as sin/cos so midnight is next
 to 23:59) and one broadcast every slice can see at execution time (11): the coordinator's price of
 capacity in the interval just finished (utility per unit share of the last slice it could not serve
 in full; 0 when every request fit), divided by the slice's utility weight, so it reads as one over
 the largest request the coordinator still served in full. Where only the measured features are
 known (a single reading), :func:`complete_features` fills the derived ones: forecast = previous
-need = the last need, error = ``forecast.INITIAL_RELATIVE_ERROR`` x it, price 0.
+need = the last need, error = ``forecast.INITIAL_RELATIVE_ERROR`` x it, price 0, levels = the
+readings themselves.
+
+Why the slow levels: demand noise is independent per interval while its level drifts (diurnal
+shape, bursts, flash crowds) and the channel is AR(1), so one reading or the fast need forecast
+(alpha 0.7) mixes noise into the level. With them, an actor trained offline on the known reward
+moved about 0.4 point of the oracle's utility further along the utility/violation frontier
+(docs/scorecard.md).
 """
 
 from __future__ import annotations
@@ -74,12 +83,14 @@ FEATURES = (
     "time_sin",
     "time_cos",
     "capacity_price",
+    "demand_level",
+    "channel_level",
 )
 NUM_FEATURES = len(FEATURES)
 NUM_MEASURED_FEATURES = 6
 MEASURED_FEATURES = FEATURES[:NUM_MEASURED_FEATURES]
 FEATURE_HIGH = np.array(
-    [10.0, 1.0, 5.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 10.0], dtype=np.float32
+    [10.0, 1.0, 5.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 10.0, 10.0, 1.0], dtype=np.float32
 )
 LN20 = math.log(20.0)  # p95 of an exponential sojourn time is ln(20) / (mu - lambda)
 SLA_TOLERANCE = 1e-9
@@ -254,12 +265,15 @@ def observe(
     history: forecast.Forecast,
     previous_need: np.ndarray,
     price_per_weight: np.ndarray,
+    levels: np.ndarray,
 ) -> np.ndarray:
-    """The observation ``(..., num_slices, 12)`` float32 in :data:`FEATURES` order.
+    """The observation ``(..., num_slices, 14)`` float32 in :data:`FEATURES` order.
 
     ``traffic`` comes from :func:`traffic_features`, ``sat`` from :func:`satisfaction`, ``history``
     is the slice's forecaster after the interval just finished; ``progress`` is a number or an
-    array broadcastable to ``shares``; ``price_per_weight`` the capacity price / utility weight.
+    array broadcastable to ``shares``; ``price_per_weight`` the capacity price / utility weight;
+    ``levels`` ``(..., num_slices, 2)`` the slow levels of features 0 and 1
+    (:func:`deepslicing.forecast.smooth_levels`).
     """
     obs = np.empty((*shares.shape, NUM_FEATURES), dtype=np.float32)
     obs[..., :3] = traffic
@@ -273,11 +287,12 @@ def observe(
     obs[..., 9] = 0.5 * (1.0 + np.sin(angle))
     obs[..., 10] = 0.5 * (1.0 + np.cos(angle))
     obs[..., 11] = price_per_weight
+    obs[..., 12:14] = levels
     return np.clip(obs, 0.0, FEATURE_HIGH, out=obs)
 
 
 def complete_features(measured: np.ndarray) -> np.ndarray:
-    """Measured features ``(..., 6)`` -> the full observation ``(..., 12)`` with the derived
+    """Measured features ``(..., 6)`` -> the full observation ``(..., 14)`` with the derived
     features at their single-reading defaults (see the module docstring)."""
     measured = np.asarray(measured, dtype=np.float32)
     need = measured[..., FEATURES.index("needed_share")].astype(np.float64)
@@ -289,4 +304,5 @@ def complete_features(measured: np.ndarray) -> np.ndarray:
         forecast.start(need),
         need,
         np.zeros_like(need),
+        measured[..., :2],
     )

@@ -106,7 +106,7 @@ class SlicingConfig:
 class Step:
     """What one interval produced, all ``(num_envs, num_slices)`` unless noted."""
 
-    observation: np.ndarray  # (num_envs, num_slices, 12) float32
+    observation: np.ndarray  # (num_envs, num_slices, 14) float32
     reward: np.ndarray
     cost: np.ndarray  # 1.0 where the slice's SLA was violated
     shares: np.ndarray  # the feasible allocation applied
@@ -147,7 +147,7 @@ class SlicingSimulator:
         self.t = 0
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        """Draw new episodes from ``seed``; returns the first observation ``(num_envs, num_slices, 12)``."""
+        """Draw new episodes from ``seed``; returns the first observation ``(num_envs, num_slices, 14)``."""
         rng = np.random.default_rng(seed)
         horizon = self.config.episode_length + 1
         traffic = generate(
@@ -171,6 +171,7 @@ class SlicingSimulator:
         self.t = 0
         self.shares = np.full((self.num_envs, self.num_slices), 1.0 / self.num_slices)
         self.history = forecast.start(self.need[:, 0])
+        self.levels = self.traffic_features[:, 0, :, :2].astype(np.float64)
         self.price = np.zeros(self.num_envs)
         return self._observe(model.satisfaction(self.shares, self.need[:, 0]))
 
@@ -207,6 +208,7 @@ class SlicingSimulator:
         self.shares = shares
         need = self.need[:, self.t]
         self.history = forecast.update(self.history, need)
+        self.levels = forecast.smooth_levels(self.levels, self.traffic_features[:, self.t, :, :2])
         sat = model.satisfaction(shares, need)
         return Step(
             observation=self._observe(sat),
@@ -237,4 +239,5 @@ class SlicingSimulator:
             self.history,
             self.need[:, max(t - 1, 0)],
             self.price[:, None] / self.slices.utility_weight,
+            self.levels,
         )

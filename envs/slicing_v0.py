@@ -5,7 +5,7 @@
 | API                | PettingZoo ``ParallelEnv``; ``parallel_env(**kwargs)``                 |
 | agents             | one per slice, named after it: ``["embb", "urllc", "mmtc"]`` by default |
 | action space       | ``Box(0, 1, (1,), float32)``: the share of the cell the slice requests |
-| observation space  | ``Box(0, high, (12,), float32)``: the slice's own features (below)     |
+| observation space  | ``Box(0, high, (14,), float32)``: the slice's own features (below)     |
 | episode            | ``episode_length`` intervals (default 200), then truncation            |
 
 **Dynamics.** Every interval the coordinator turns the requests into a feasible allocation (shares
@@ -35,7 +35,7 @@ max(0, share_i - needed_i); the rewards of all slices add up to the cell's utili
 :mod:`ns3_gym.simulator`; ``close()`` hands its simulator back).
 Seeding: ``reset(seed=s)`` fixes the traffic of that episode and of the unseeded resets after it.
 
-**Version history.** v0: first release; observations grew from 6 to 12 features (the derived
+**Version history.** v0: first release; observations grew from 6 to 14 features (the derived
 6..11) with the kind-shared MADDPG policy.
 
 For many cells at once use :func:`vector_env`, which returns the batched

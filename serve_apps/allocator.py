@@ -7,7 +7,7 @@ Endpoints (JSON; bodies and rules in :mod:`serve_apps.schemas`, the OpenAPI docu
 |------------------------|-----|-----------------------------------------------------------------|
 | ``POST /allocate``     | yes | one cell: slices with SLA targets -> shares, PRBs, predicted QoS |
 | ``POST /allocate/batch`` | yes | many cells in one request                                    |
-| ``POST /predict``      | yes | the flat state (model slices x 6 or 12 features) -> shares      |
+| ``POST /predict``      | yes | the flat state (model slices x 6 or 14 features) -> shares      |
 | ``GET /model_info``    | yes | model version and source, slice layout, features, cell, guardrail |
 | ``GET /health``        | no  | 200 once the replica has its model                              |
 | ``GET /metrics``       | no  | the service's metrics in the Prometheus text format             |
@@ -754,11 +754,7 @@ def slice_inputs(cell: schemas.AllocateRequest) -> list[SliceInput]:
                 kind=s.kind,
                 sst=s.sst,
                 sd=s.sd,
-                demand=None if r is None else r.demand,
-                mean_demand=None if r is None else r.mean_demand,
-                spectral_efficiency=None if r is None else r.spectral_efficiency,
-                current_share=None if r is None else r.current_share,
-                previous_demand=None if r is None else r.previous_demand,
+                **({} if r is None else r.__dict__),  # readings are SliceInput fields by name
             )
         )
     return out

@@ -72,6 +72,20 @@ class Readings(BaseModel):
         description="offered demand of the interval before the last, same unit as demand: "
         "the policy's short history (default: demand)",
     )
+    demand_level: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_DEMAND,
+        description="the slice's recent average demand, same unit as demand, e.g. an EWMA with "
+        "weight 0.2 on the newest interval (default: from demand and previous_demand)",
+    )
+    spectral_efficiency_level: float | None = Field(
+        None,
+        ge=SPECTRAL_EFFICIENCY_RANGE[0],
+        le=SPECTRAL_EFFICIENCY_RANGE[1],
+        description="bit/s/Hz, the slice's recent average, e.g. an EWMA with weight 0.1 on the "
+        "newest interval (default: spectral_efficiency)",
+    )
 
 
 class SliceRequest(BaseModel):
@@ -119,7 +133,7 @@ class BatchRequest(BaseModel):
 
 class PredictRequest(BaseModel):
     """The flat state, slice by slice: the model's slices x the 6 measured features (18 floats for
-    3 slices; the derived ones take their single-reading defaults) or x all 12 features."""
+    3 slices; the derived ones take their single-reading defaults) or x all 14 features."""
 
     model_config = STRICT
     state: list[float] = Field(min_length=1, max_length=MAX_SLICES * NUM_FEATURES)

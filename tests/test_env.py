@@ -68,7 +68,7 @@ def test_default_env_is_three_slices_of_twelve_features():
     env = parallel_env()
     assert env.possible_agents == ["embb", "urllc", "mmtc"]
     obs, _ = env.reset(seed=0)
-    assert all(o.shape == (12,) and o.dtype == np.float32 for o in obs.values())
+    assert all(o.shape == (14,) and o.dtype == np.float32 for o in obs.values())
 
 
 def test_capacity_is_never_exceeded_and_costs_are_apart_from_rewards():
@@ -167,7 +167,7 @@ def test_vector_env_matches_single_envs_given_the_same_traffic(monkeypatch, coor
     num_cells = 4
     batched = vector_env(num_cells, **kwargs)
     batched_obs = batched.reset(seed=5)
-    assert batched_obs.shape == (num_cells, 3, 12)
+    assert batched_obs.shape == (num_cells, 3, 14)
     assert not np.array_equal(batched.demand[0], batched.demand[1])  # the cells differ
 
     singles = []

@@ -137,13 +137,13 @@ def test_signature_input_example_and_pyfunc_parity_with_our_export(store):
         mlflow.set_tracking_uri(previous)
     (inputs,) = info.signature.inputs.inputs
     (outputs,) = info.signature.outputs.inputs
-    assert (inputs.name, inputs.shape, inputs.type) == ("obs", (-1, 3, 12), np.dtype("float32"))
+    assert (inputs.name, inputs.shape, inputs.type) == ("obs", (-1, 3, 14), np.dtype("float32"))
     assert (outputs.name, outputs.shape) == ("shares", (-1, 3))
     assert info.metadata["features"] == export.metadata["features"]
     assert info.saved_input_example_info is not None
     # the seeded observation of the registration (seed 0), named as the graph's input
     np.testing.assert_array_equal(example["obs"], input_example(export.metadata, seed=0))
-    assert example["obs"].shape == (1, 3, 12) and example["obs"].dtype == np.float32
+    assert example["obs"].shape == (1, 3, 14) and example["obs"].dtype == np.float32
     obs = random_observations(3, 512, seed=11)
     served = np.asarray(model.predict(obs)["shares"])
     np.testing.assert_allclose(served, export(obs), rtol=0, atol=1e-6)

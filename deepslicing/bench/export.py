@@ -2,7 +2,7 @@
 for 3 and 20 slices, in one run.
 
 A call is what serving does for one request: one observation (batch 1, float32 numpy
-``(1, S, 12)``) in, the requested shares ``(1, S)`` as numpy out. Every call is timed on its own
+``(1, S, 14)``) in, the requested shares ``(1, S)`` as numpy out. Every call is timed on its own
 (``time.perf_counter_ns`` around it) and the report gives the median and the 99th percentile over
 all calls of all rounds, in microseconds. Observations cycle through a pool drawn before timing from
 ``[0, FEATURE_HIGH]`` with ``seed``. Latency does not depend on training, so the actors are fresh

@@ -1,7 +1,7 @@
 """Turn a MADDPG checkpoint into an allocation policy: observations -> requested shares.
 
 The policy has the shape :mod:`deepslicing.evaluation` and :mod:`deepslicing.baselines` use:
-``policy(obs)`` maps observations ``(num_envs, num_slices, 12)`` to requested shares
+``policy(obs)`` maps observations ``(num_envs, num_slices, 14)`` to requested shares
 ``(num_envs, num_slices)`` in [0, 1] (float64), deterministically (no exploration noise). Only the
 actors are loaded (an inference-only module), so no critic weights are kept in memory. No Ray
 needed.
@@ -86,7 +86,7 @@ def load_actor_module(checkpoint_path: str | Path, kinds: Sequence[str] | None =
 def load_actor_policy(
     checkpoint_path: str | Path, kinds: Sequence[str] | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A deterministic policy ``obs (E, S, 12) -> requested shares (E, S)`` from a checkpoint,
+    """A deterministic policy ``obs (E, S, 14) -> requested shares (E, S)`` from a checkpoint,
     for slices of ``kinds`` (default: the slices it trained on)."""
     module = load_actor_module(checkpoint_path, kinds)
     expected = tuple(module.observation_space.shape)

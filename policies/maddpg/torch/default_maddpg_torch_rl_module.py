@@ -1,7 +1,7 @@
 """MADDPG networks as one RLlib ``TorchRLModule``: actors shared by slice kind, one critic that is
 invariant to the number and order of slices.
 
-Spaces (``S`` slices, ``F`` = 12 features, see :mod:`deepslicing.model`):
+Spaces (``S`` slices, ``F`` = 14 features, see :mod:`deepslicing.model`):
 
 - observation ``Box(0, high, (S, F))``: every slice's own feature vector, stacked;
 - action ``Box(0, 1, (S,))``: every slice's requested share.
@@ -61,7 +61,7 @@ MIN_INPUT_STD = 0.01  # floor of the standardisation's std
 MIN_FORECAST = 1e-3  # share; keeps the scale-free inputs finite for a slice that needs nothing
 HEADROOM_LOG_RANGE = math.log(2.0)  # the actor's request is within [f / 2, 2 f]
 CRITIC_ONLY = ("critic", "target_critic", "target_actor")
-NUM_ACTOR_INPUTS = 10
+NUM_ACTOR_INPUTS = 12
 _F = {name: i for i, name in enumerate(FEATURES)}
 
 # Every module here is built with keyword arguments (observation_space=, action_space=,
@@ -73,7 +73,7 @@ log_once("RLModule(config=[RLModuleConfig object])")
 
 
 def actor_inputs(obs: torch.Tensor) -> torch.Tensor:
-    """Scale-free actor inputs ``(..., S, 10)`` from raw observations ``(..., S, 12)``."""
+    """Scale-free actor inputs ``(..., S, 14)`` from raw observations ``(..., S, 14)``."""
     f = obs[..., _F["need_forecast"]].clamp(min=MIN_FORECAST)
 
     def log_ratio(name: str) -> torch.Tensor:
@@ -91,6 +91,8 @@ def actor_inputs(obs: torch.Tensor) -> torch.Tensor:
             obs[..., _F["time_sin"]],
             obs[..., _F["time_cos"]],
             (obs[..., _F["capacity_price"]] * f).clamp(max=5.0),
+            obs[..., _F["demand_level"]],
+            obs[..., _F["channel_level"]],
         ),
         dim=-1,
     )
