@@ -148,6 +148,35 @@ def test_previous_demand_gives_the_actor_a_short_history():
     assert with_history[f["time_sin"]] == pytest.approx(0.0, abs=1e-6)
     assert with_history[f["time_cos"]] == pytest.approx(0.5, abs=1e-6)
     assert with_history[f["capacity_price"]] == 0.0
+    # slow levels: the readings themselves alone, smoothed from the previous demand with it
+    mean = without[f["demand_ratio"]]
+    assert without[f["demand_level"]] == pytest.approx(mean)
+    assert without[f["channel_level"]] == pytest.approx(without[f["spectral_efficiency"]])
+    alpha = forecast.LEVEL_ALPHAS[0]
+    assert with_history[f["demand_level"]] == pytest.approx((1 - alpha) * mean / 2 + alpha * mean)
+
+
+def test_level_readings_reach_the_actor():
+    seen = []
+
+    def recording(obs):
+        seen.append(obs.copy())
+        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
+
+    f = {name: i for i, name in enumerate(model.FEATURES)}
+    given = SliceInput(
+        "eMBB",
+        {"bandwidth_mbps": 50},
+        demand=40.0,
+        mean_demand=50.0,
+        spectral_efficiency=4.0,
+        demand_level=25.0,
+        spectral_efficiency_level=3.7,
+    )
+    answer([[given]], recording)
+    features = seen[0][0, 0]
+    assert features[f["demand_level"]] == pytest.approx(0.5)
+    assert features[f["channel_level"]] == pytest.approx(3.7 / 7.4)
 
 
 def test_batch_of_mixed_sizes_keeps_order_and_equals_single_answers():

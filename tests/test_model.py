@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deepslicing import model
+from deepslicing import forecast, model
 from deepslicing.slices import default_slices
 
 CELL = model.Cell()
@@ -82,3 +82,18 @@ def test_observation_stays_in_its_documented_range():
         obs = out.observation
         if out.done:
             break
+
+
+def test_slow_levels_smooth_the_demand_and_channel_readings():
+    """Features 12, 13 start at the first readings (features 0, 1) and follow their EWMA."""
+    from envs.slicing_v0 import vector_env
+
+    sim = vector_env(4, scenario="burst", episode_length=30)
+    obs = sim.reset(seed=3)
+    np.testing.assert_allclose(obs[..., 12:14], obs[..., 0:2])
+    level = obs[..., 0:2].astype(np.float64)
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        obs = sim.step(rng.random((4, 3))).observation
+        level = forecast.LEVEL_ALPHAS * obs[..., 0:2] + (1 - forecast.LEVEL_ALPHAS) * level
+        np.testing.assert_allclose(obs[..., 12:14], level, rtol=1e-5, atol=1e-6)
