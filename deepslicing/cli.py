@@ -45,6 +45,12 @@ COMMANDS = (
         "evaluate allocation policies over traffic scenarios; writes summary.csv and plots",
     ),
     Command(
+        "fidelity",
+        "deepslicing.fidelity:FidelityConfig:run",
+        "the fast model against ns-3 packets: per-kind throughput error, p95 ratio, loss, "
+        "SLA-verdict agreement; CSV and plots",
+    ),
+    Command(
         "train",
         "deepslicing.train:TrainConfig:run",
         "train MADDPG slice allocators on RLlib; checkpoints, MLflow run, final evaluation",

@@ -135,6 +135,10 @@ class MaddpgSettings:
     multiplier_lr: float = option(
         _DEFAULTS.multiplier_lr, "dual ascent step of the Lagrange multipliers per iteration"
     )
+    initial_multiplier: float = option(
+        _DEFAULTS.initial_multiplier,
+        "Lagrange multipliers before the first dual ascent step (with multiplier_lr 0: fixed)",
+    )
     num_envs: int = option(
         _DEFAULTS.num_envs_per_env_runner, "cells each env runner steps side by side"
     )
@@ -155,6 +159,12 @@ class TrainConfig:
     checkpoint_every: int = option(5, "save a checkpoint every N iterations (and at the end)")
     run_dir: str = option("runs/maddpg", "directory for checkpoints, progress and evaluation")
     resume: bool = option(False, "continue the run in run_dir from its last checkpoint")
+    init_from: str | None = option(
+        None,
+        "checkpoint directory to start a new run from (fine-tuning, e.g. a fast-model run "
+        "continued with --set env.backend=ns3): its networks, optimizers and multipliers; "
+        "iterations count from 1",
+    )
     seed: int = option(0, "seed of the networks, exploration, replay and traffic")
     eval_episodes: int = option(
         5, "episodes of the final evaluation against equal and proportional (0 skips it)"
@@ -238,6 +248,7 @@ def algorithm_config(config: TrainConfig) -> MADDPGConfig:
             admm_iterations=m.admm_iterations,
             cost_budget=dataclasses.asdict(m.cost_budget),
             multiplier_lr=m.multiplier_lr,
+            initial_multiplier=m.initial_multiplier,
         )
         .env_runners(
             num_env_runners=m.num_env_runners,
@@ -267,6 +278,16 @@ def check_run_dir(config: TrainConfig) -> dict[str, Any] | None:
     """The state to resume from (None for a fresh run); raises ConfigError before anything changes."""
     run_dir = Path(config.run_dir)
     state = read_state(run_dir)
+    if config.init_from is not None:
+        if config.resume:
+            raise ConfigError("init_from: starts a new run; it cannot be combined with --resume")
+        from policies.maddpg.policy import is_checkpoint  # torch and RLlib only when needed
+
+        if not is_checkpoint(config.init_from):
+            raise ConfigError(
+                f"init_from: {config.init_from} is not a MADDPG checkpoint directory "
+                "(for example RUN_DIR/checkpoints/iter_000030)"
+            )
     if not config.resume:
         if state is not None:
             raise ConfigError(
@@ -425,6 +446,9 @@ def train_loop(config: TrainConfig, state: dict[str, Any] | None, tracker) -> Pa
                 f"multipliers restored: {restored}",
                 flush=True,
             )
+        elif config.init_from is not None:
+            algo.restore_from_path(str(Path(config.init_from).resolve()))
+            print(f"initialised from {config.init_from}", flush=True)
         checkpoint = Path(state["checkpoint"]) if state else None
         exported = TrainingMetrics(run_dir.name)
         for iteration in range(start + 1, config.iterations + 1):
