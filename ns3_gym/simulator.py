@@ -112,6 +112,8 @@ class Ns3SlicingSimulator(SlicingSimulator):
         self._kind_code = np.array([engine.ARRIVALS[k] for k in s.kind], dtype=np.int32)
         self._links = links
         self.measured: dict[str, np.ndarray] | None = None
+        self.last_rates: tuple[np.ndarray, np.ndarray] | None = None
+        self.links: engine.Links | None = None
         self.engine = engine.acquire(self)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
@@ -121,14 +123,13 @@ class Ns3SlicingSimulator(SlicingSimulator):
         seeds = np.random.SeedSequence([int(seed), _SEED_TAG]).generate_state(
             self._links, np.uint64
         )
-        self.engine.build(
-            engine.Links(
-                packet_bits=np.tile(self._packet_bits, self.num_envs),
-                arrivals=np.tile(self._kind_code, self.num_envs),
-                seeds=seeds,
-                delay_ms=BASE_DELAY_MS,
-            )
+        self.links = engine.Links(
+            packet_bits=np.tile(self._packet_bits, self.num_envs),
+            arrivals=np.tile(self._kind_code, self.num_envs),
+            seeds=seeds,
+            delay_ms=BASE_DELAY_MS,
         )
+        self.engine.build(self.links)
         self.measured = None
         return observation
 
@@ -140,7 +141,11 @@ class Ns3SlicingSimulator(SlicingSimulator):
         demand = self.demand[:, t]
         embb = np.asarray(self.slices.kind) == "embb"
         amount = np.where(embb, demand * 1e6 / self._packet_bits, demand)  # packets/s or devices
-        raw = self.engine.run(bps.ravel(), amount.ravel(), c.interval_s)
+        self.last_rates = (
+            bps.ravel(),
+            amount.ravel(),
+        )  # what ns-3 was given (bench ns3 replays it)
+        raw = self.engine.run(*self.last_rates, c.interval_s)
         raw = raw.reshape(self.num_envs, self.num_slices, -1)
         self.measured = measure(raw, self._packet_bits, bps, c.interval_s)
         return dataclasses.replace(out, cost=sla_violated(self.slices, self.measured))

@@ -29,8 +29,9 @@ JSON keys (rates are medians over rounds; a slice-step is one slice of one cell 
 - ``*_rounds``: each contender's per-round rates; ``num_envs``, ``seconds``, ``rounds``, ``seed``
   and the machine (``cpus``, ``python``, ``numpy``).
 
-``bench train``, ``bench export`` and ``bench serve`` are described in
-:mod:`deepslicing.bench.train`, :mod:`deepslicing.bench.export` and :mod:`deepslicing.bench.serve`.
+``bench train``, ``bench export``, ``bench serve`` and ``bench ns3`` are described in
+:mod:`deepslicing.bench.train`, :mod:`deepslicing.bench.export`, :mod:`deepslicing.bench.serve`
+and :mod:`deepslicing.bench.ns3`.
 ``bench export`` only reports (per-call latency of the torch, TorchScript, ONNX and int8 actors for
 3 and 20 slices); it has no goal.
 
@@ -57,7 +58,7 @@ import numpy as np
 from deepslicing.config import check_int, option
 from deepslicing.ray_runtime import Ingress
 
-TARGETS = ("env", "train", "export", "serve")
+TARGETS = ("env", "train", "export", "serve", "ns3")
 WARMUP_SECONDS = 0.5  # per contender, before the first round (less when `seconds` is smaller)
 CHECK_CLOCK_EVERY = 16  # parallel-API steps between clock reads
 ACTION_POOL = 4096  # pre-generated joint actions the parallel-API loops cycle through
@@ -69,6 +70,7 @@ MPE2_NUM_ACTIONS = 5  # simple_spread's discrete actions: no-op, left, right, do
 # value falls below its floor or rises above its ceiling.
 GOALS: dict[str, dict[str, float]] = {
     "env": {"ratio_vs_mpe2": 5.0, "batched_vs_api": 50.0},
+    "ns3": {"ratio_vs_bare_ns3": 0.7},
     "train": {"ratio_vs_rllib_sac": 10.0, "ratio_vs_bare_loop": 0.5},
     "serve": {
         "p95_ms_c1": 10.0,
@@ -90,13 +92,14 @@ class BenchConfig:
     steps/s (medians over interleaved rounds), with ratio_vs_mpe2 = api / mpe2 and batched_vs_api =
     batched slice-steps/s / API slice-steps/s."""
 
-    target: Literal["env", "train", "export", "serve"] = option(
+    target: Literal["env", "train", "export", "serve", "ns3"] = option(
         "env",
         "what to benchmark: env (environment step rates), train (MADDPG training throughput "
         "vs RLlib SAC and vs the bare learner loop; needs a few minutes), export (per-call "
         "latency of the torch, TorchScript, ONNX and int8 actors for 3 and 20 slices) or serve "
         "(the HTTP allocation service on Ray Serve vs a no-op deployment at concurrency 1 and "
-        "16, /allocate/batch throughput, the guardrail vs cvxpy; about a minute)",
+        "16, /allocate/batch throughput, the guardrail vs cvxpy; about a minute) or ns3 (the ns-3 "
+        "env vs a bare ns-3 run of the same traffic and rates, and the fast model's speed-up)",
     )
     json: bool = option(False, "print the result as one JSON line, last on stdout")
     seconds: float = option(2.0, "measuring time per contender per round (s), > 0 and <= 3600")
@@ -345,9 +348,16 @@ def bench_serve(config: BenchConfig) -> dict[str, Any]:
     return run_serve_bench(config)
 
 
+def bench_ns3(config: BenchConfig) -> dict[str, Any]:
+    from deepslicing.bench.ns3 import bench_ns3 as run_ns3_bench
+
+    return run_ns3_bench(config)
+
+
 TARGET_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "env": bench_env,
     "train": bench_train,
     "export": bench_export,
     "serve": bench_serve,
+    "ns3": bench_ns3,
 }
