@@ -149,6 +149,10 @@ def test_bench_serve_json_line(capsys):
         ours, noop = result[f"ours_replica_{figure}_mb"], result[f"noop_replica_{figure}_mb"]
         assert noop > 0 and ours > 0
         assert result[f"replica_{figure}_ratio_vs_noop"] == pytest.approx(ours / noop, rel=1e-12)
+    for unit, cells in (("noop_c16", 1), ("ours_c1", 1), ("ours_c16", 1), ("batch", 500)):
+        assert result[f"decisions_{unit}"] > 0 and result[f"decisions_{unit}"] % cells == 0
+        assert result[f"cpu_ms_per_decision_{unit}"] >= 0, unit  # clock ticks: 0 is possible
+        assert result[f"ingress_cpu_ms_per_decision_{unit}"] >= 0, unit  # HAProxy or the proxy
     # the replica answers from a models:/ URI without MLflow, its data stack or cvxpy in it
     assert {"numba", "onnxruntime"} <= set(result["ours_replica_modules"])
     assert not {"mlflow", "sqlalchemy", "cvxpy", "torch"} & set(result["ours_replica_modules"])
