@@ -51,6 +51,7 @@ from deepslicing.ray_runtime import free_ports
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0  # a stopping node's processes get this long after SIGTERM
 # how soon a dead node is noticed: GCS health checks every 1 s, three misses (Ray's default is
 # five misses of 3 s checks)
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
@@ -244,15 +245,16 @@ class LocalCluster:
         return pids
 
     def stop(self) -> None:
-        """End every node, workers first: SIGTERM (``ray start --block`` stops its node), then
-        SIGKILL for any process of theirs still there."""
+        """End every node, workers first: SIGTERM to each of its processes (the raylet and the
+        others stop at once, without the 30 s drain ``ray start`` would do), then SIGKILL for
+        anything still there after ``STOP_GRACE_S``."""
         for node in sorted(self.nodes.values(), key=lambda n: n.name == "head"):
-            if node.process.poll() is None:
-                os.kill(node.process.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    node.process.wait(timeout=STOP_TIMEOUT_S)
+            _signal(node.pids(), signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while node.pids() and time.monotonic() < deadline:
+                time.sleep(0.2)
             _signal(node.pids(), signal.SIGKILL)
-            if node.process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 node.process.wait(timeout=STOP_TIMEOUT_S)
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 ITERATIONS = 6
 RESUMED_ITERATIONS = 7
-KILL_AFTER_ITERATION = 2
+KILL_AFTER_ITERATION = 1
 TINY = [
     "--eval-episodes", "0", "--no-tracking", "--seed", "0", "--checkpoint-every", "2",
     "--set", "maddpg.num_env_runners=2", "--set", "maddpg.learning_starts=400",
@@ -194,14 +194,14 @@ def training(cluster, tmp_path_factory) -> dict:
     seen["victim"] = victim
     seen["killed_pids"], seen["replacement"] = cluster.replace_worker(victim)
     cluster.remember_ids()
-    logs = wait_for_job(cluster, "train")
+    placements: list[list[str]] = []  # the runners' nodes at each poll until the job ends
+    logs = wait_for_job(
+        cluster, "train", every=lambda: placements.append(placement(cluster, ENV_RUNNER))
+    )
     seen["logs"] = logs
     seen["iterations"] = iterations_logged(logs)
-    names = cluster.node_names()
-    dead_runners = cluster.actors(ENV_RUNNER, "DEAD")
-    seen["runners_after"] = sorted(
-        (names.get(a["node_id"], a["node_id"]), a.get("num_restarts")) for a in dead_runners
-    )
+    seen["runners_after"] = sorted(set(map(tuple, placements)))
+    seen["restarts"] = sorted(a.get("num_restarts") for a in cluster.actors(ENV_RUNNER, "DEAD"))
     seen["state"] = json.loads((run_dir / "state.json").read_text())
     seen["checkpoints"] = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
@@ -212,7 +212,8 @@ def training(cluster, tmp_path_factory) -> dict:
         f"training job: env runners on {seen['runners_before']} at iteration "
         f"{seen['iteration_at_kill']}; killed {victim} ({len(seen['killed_pids'])} processes), "
         f"replacement {seen['replacement']}; iterations completed {seen['iterations']}; env "
-        f"runners at the end (node, restarts) {seen['runners_after']}; checkpoints "
+        f"runners' nodes after the kill {seen['runners_after']}, restarts per runner "
+        f"{seen['restarts']}; checkpoints "
         f"{seen['checkpoints']}; resumed job iterations {seen['resumed_iterations']}",
         flush=True,
     )
@@ -233,8 +234,10 @@ def test_training_job_survives_a_worker_node_and_its_checkpoints_resume(cluster,
     final = str(training["run_dir"] / "checkpoints" / f"iter_{ITERATIONS:06d}")
     assert f"resumed from {final} at iteration {ITERATIONS}" in training["resumed_logs"]
     assert training["resumed_iterations"] == list(range(ITERATIONS + 1, RESUMED_ITERATIONS + 1))
-    # RLlib restarted the lost env runner, and Ray placed it on the node that joined
-    assert (training["replacement"], 1) in training["runners_after"]
+    # RLlib restarted the lost env runner, Ray placed it on the node that joined, and the
+    # training ran on two runners again
+    assert training["restarts"] == [0, 1]
+    assert tuple(sorted(["worker_1", training["replacement"]])) in training["runners_after"]
 
 
 # --- tuning --------------------------------------------------------------------------------
@@ -265,20 +268,19 @@ def test_sweep_runs_its_concurrent_trials_on_different_nodes(cluster, tmp_path):
     )
     logs = wait_for_job(cluster, "sweep", every=record)
     together = [nodes for nodes in seen if len(nodes) == 2]
+    results = sorted((tmp_path / "tune").rglob("result.json"))
+    reached = [json.loads(p.read_text().splitlines()[-1])["training_iteration"] for p in results]
     print(
         f"sweep: trial actors' nodes while running {sorted(set(map(tuple, seen)))}; "
-        f"{len(together)} polls saw two trials at once",
+        f"{len(together)} polls saw two trials at once; iterations per trial {reached}",
         flush=True,
     )
     assert "2 trials, 0 failed" in logs, logs[-3000:]
     assert together, seen
     for nodes in together:  # two trials at once: each on its own worker node
         assert len(set(nodes)) == 2 and set(nodes) <= set(cluster.workers), nodes
-    results = sorted((tmp_path / "tune").rglob("result.json"))
     assert len(results) == 2
-    for path in results:  # every trial ran to the end
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        assert rows[-1]["training_iteration"] == 3
+    assert min(reached) >= 1 and max(reached) == 3, reached  # ASHA may stop the worse one early
 
 
 # --- serving -------------------------------------------------------------------------------
