@@ -48,7 +48,7 @@ from deepslicing.config import ConfigError, check_int, option, to_dict
 from deepslicing.ray_runtime import init_ray
 from deepslicing.simulator import SlicingConfig
 from deepslicing.training_metrics import TrainingMetrics
-from policies.constraints import DEFAULT_COST_BUDGETS, check_budget
+from policies.constraints import check_budget
 from policies.maddpg import VARIANTS, MADDPGConfig
 
 # RLlib warns once per process that an algorithm runs on the new API stack; ours only does.
@@ -71,11 +71,12 @@ EXPERIMENT_DESCRIPTION = (
 
 @dataclass(frozen=True)
 class CostBudgets:
-    """Allowed SLA violation rate per slice kind, each in [0, 1]."""
+    """Allowed SLA violation rate per slice kind, each in [0, 1], or none: that kind's
+    violations keep the fixed price maddpg.initial_multiplier."""
 
-    embb: float = option(DEFAULT_COST_BUDGETS["embb"], "eMBB slices' allowed violation rate")
-    urllc: float = option(DEFAULT_COST_BUDGETS["urllc"], "URLLC slices' allowed violation rate")
-    mmtc: float = option(DEFAULT_COST_BUDGETS["mmtc"], "mMTC slices' allowed violation rate")
+    embb: float | None = option(None, "eMBB slices' allowed violation rate (none: no budget)")
+    urllc: float | None = option(None, "URLLC slices' allowed violation rate (none: no budget)")
+    mmtc: float | None = option(None, "mMTC slices' allowed violation rate (none: no budget)")
 
     def __post_init__(self) -> None:
         check_budget(dataclasses.asdict(self))
@@ -130,14 +131,16 @@ class MaddpgSettings:
     admm_iterations: int = option(_DEFAULTS.admm_iterations, "ADMM iterations per decision")
     cost_budget: CostBudgets = option(
         CostBudgets(),
-        "allowed SLA violation rate of each slice kind (the Lagrange multipliers keep it)",
+        "allowed SLA violation rate of each slice kind (dual ascent on its Lagrange multipliers "
+        "keeps it); a kind without one has the fixed price initial_multiplier",
     )
     multiplier_lr: float = option(
         _DEFAULTS.multiplier_lr, "dual ascent step of the Lagrange multipliers per iteration"
     )
     initial_multiplier: float = option(
         _DEFAULTS.initial_multiplier,
-        "Lagrange multipliers before the first dual ascent step (with multiplier_lr 0: fixed)",
+        "price of a violation (Lagrange multiplier) before the first dual ascent step; it stays "
+        "there for kinds without a budget",
     )
     num_envs: int = option(
         _DEFAULTS.num_envs_per_env_runner, "cells each env runner steps side by side"

@@ -268,10 +268,20 @@ def test_dual_ascent_projects_onto_nonnegative():
     np.testing.assert_allclose(new, [0.2, 0.95, 0.0])
 
 
+def test_a_slice_without_a_budget_keeps_its_price():
+    budget = np.array([np.nan, 0.1, np.nan])
+    new = dual_ascent(np.array([0.05, 0.05, 0.3]), np.array([0.9, 0.5, 0.0]), budget, 0.5)
+    np.testing.assert_allclose(new, [0.05, 0.25, 0.3])
+    stuck = unreachable(np.array([1.0, 1.0, 1.0]), np.array([0.9, 0.5, 0.9]), budget, 1.0)
+    np.testing.assert_array_equal(stuck, [False, True, False])
+
+
 def test_budgets_per_kind_and_unreachable_ones_are_named():
     kinds = ("embb", "urllc", "mmtc", "urllc")
-    np.testing.assert_allclose(slice_budgets({"urllc": 0.02}, kinds), [0.5, 0.02, 0.12, 0.02])
+    nan = np.nan
+    np.testing.assert_allclose(slice_budgets({"urllc": 0.02}, kinds), [nan, 0.02, nan, 0.02])
     np.testing.assert_allclose(slice_budgets(0.1, kinds), [0.1] * 4)
+    np.testing.assert_allclose(slice_budgets(None, kinds), [nan] * 4)
     budget = np.array([0.25, 0.02, 0.25])
     stuck = unreachable(np.array([1.0, 1.0, 0.3]), np.array([0.2, 0.05, 0.5]), budget, 1.0)
     np.testing.assert_array_equal(stuck, [False, True, False])

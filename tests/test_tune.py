@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "tune_configs" / "maddpg_asha_small.yaml"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "tune_configs").glob("maddpg_*.yaml")))
+def test_every_shipped_sweep_loads(path):
+    """Loading checks the base and every candidate value as a training config (an earlier change
+    of maddpg.cost_budget left the default sweep unloadable)."""
+    from deepslicing.config import load
+    from deepslicing.sweep import SweepConfig
+
+    assert load(SweepConfig, path).search_space
+
+
 def tune_command(tmp_path: Path, *args: str) -> list[str]:
     return [
         sys.executable, "-m", "deepslicing.cli", "tune", *args,

@@ -48,9 +48,10 @@ critic term and request_penalty 0.5 on requests beyond the cell (see
 :mod:`policies.maddpg.torch.maddpg_torch_learner`); batch 256; updates_per_step 0.5;
 exploration_noise 0 (the known reward's gradient needs no exploration, and noise-free rollouts
 are what the multipliers should measure); replay 100,000; 3,200 warm-up env steps; variant
-"both" with the utility objective's ADMM (rho 2 x 100 iterations), cost budgets per kind eMBB 0.5,
-URLLC 0.12, mMTC 0.12 (:data:`policies.constraints.DEFAULT_COST_BUDGETS`; docs/scorecard.md has
-the trade-off measured), multiplier_lr 0.05, multiplier_max 1.0; one local env runner with 8
+"both" with the utility objective's ADMM (rho 2 x 100 iterations), no cost budgets and one fixed
+price of a violation for every slice, initial_multiplier 0.05
+(:data:`policies.constraints.DEFAULT_VIOLATION_PRICE`; docs/scorecard.md has the trade-off
+measured), multiplier_lr 0.5 for the budgets a user sets, multiplier_max 1.0; one local env runner with 8
 cells, 50 intervals per sample, and a local learner (num_learners=0). One iteration is at least
 1,600 env steps, that is one 200-interval episode of every cell.
 """
@@ -82,7 +83,7 @@ from deepslicing.config import ConfigError
 from deepslicing.coordinator import UTILITY_ITERATIONS, UTILITY_RHO, check_admm
 from envs.rllib_env import SlicingMultiAgentEnv
 from policies.constraints import (
-    DEFAULT_COST_BUDGETS,
+    DEFAULT_VIOLATION_PRICE,
     ConstraintCallback,
     CostBudget,
     check_budget,
@@ -119,9 +120,10 @@ class MADDPGConfig(AlgorithmConfig):
         self.variant = "both"
         self.admm_rho = UTILITY_RHO
         self.admm_iterations = UTILITY_ITERATIONS
-        self.cost_budget: CostBudget = dict(DEFAULT_COST_BUDGETS)
-        self.multiplier_lr = 0.05
+        self.cost_budget: CostBudget = None
+        self.multiplier_lr = 0.5
         self.multiplier_max = 1.0
+        self.initial_multiplier = DEFAULT_VIOLATION_PRICE
         self.torch_num_threads = 1
         # .environment() / .env_runners()
         self.env = SlicingMultiAgentEnv
@@ -157,6 +159,7 @@ class MADDPGConfig(AlgorithmConfig):
         cost_budget: CostBudget = NotProvided,
         multiplier_lr: float = NotProvided,
         multiplier_max: float = NotProvided,
+        initial_multiplier: float = NotProvided,
         torch_num_threads: int | None = NotProvided,
         **kwargs,
     ) -> MADDPGConfig:
@@ -187,11 +190,14 @@ class MADDPGConfig(AlgorithmConfig):
             admm_rho: ADMM penalty rho (> 0) for the "admm" and "both" variants.
             admm_iterations: ADMM iterations (1..10000).
             cost_budget: allowed per-interval SLA cost of each slice (its violation rate), in
-                [0, 1], or a map kind -> rate (kinds not named take DEFAULT_COST_BUDGETS); dual ascent raises a
-                slice's multiplier while its cost is above its budget.
+                [0, 1], or a map kind -> rate (None or a kind not named: no budget, the
+                multiplier stays at ``initial_multiplier``); dual ascent raises a slice's
+                multiplier while its cost is above its budget and lowers it while below.
             multiplier_lr: dual ascent step size per iteration, >= 0.
             multiplier_max: upper bound of every multiplier (projected dual ascent onto
                 [0, multiplier_max]), > 0; keeps an unreachable budget from swamping the rewards.
+            initial_multiplier: every multiplier's value before the first dual ascent step, in
+                [0, multiplier_max]: the fixed price of a violation of a slice without a budget.
             torch_num_threads: torch intra-op threads in the learner and env runner processes
                 (None leaves torch's default); 1 is fastest for these small networks.
         """
@@ -215,6 +221,7 @@ class MADDPGConfig(AlgorithmConfig):
             "cost_budget": cost_budget,
             "multiplier_lr": multiplier_lr,
             "multiplier_max": multiplier_max,
+            "initial_multiplier": initial_multiplier,
             "torch_num_threads": torch_num_threads,
         }
         for name, value in given.items():
@@ -244,6 +251,7 @@ class MADDPGConfig(AlgorithmConfig):
         check_budget(self.cost_budget)
         _number_in("multiplier_lr", self.multiplier_lr, 0.0, 1e6)
         _positive("multiplier_max", self.multiplier_max)
+        _number_in("initial_multiplier", self.initial_multiplier, 0.0, self.multiplier_max)
         _integer("train_batch_size_per_learner", self.train_batch_size_per_learner, 1)
         _integer("replay_capacity", self.replay_capacity, self.train_batch_size_per_learner)
         _integer(

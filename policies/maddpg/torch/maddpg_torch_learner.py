@@ -165,7 +165,10 @@ class MADDPGTorchLearner(TorchLearner):
         module = self.module[self.module_id].unwrapped()
         module.make_target_networks()
         self._targets, self._sources = _polyak_pairs(module)
-        self.multipliers = torch.zeros(module.num_slices, dtype=torch.float32, device=self._device)
+        start = self.config.initial_multiplier if self.config.uses_multipliers else 0.0
+        self.multipliers = torch.full(
+            (module.num_slices,), float(start), dtype=torch.float32, device=self._device
+        )
         sim = slicing_config(self.config)
         weights = SliceArrays.from_specs(sim.resolved_slices()).utility_weight
         self.known = KnownReward(
