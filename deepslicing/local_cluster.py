@@ -27,9 +27,13 @@ machine dying), :meth:`LocalCluster.stop` ends every node (SIGTERM, then SIGKILL
 left), so a test's fixture leaves nothing running even when the test failed. ``ray stop`` is
 never used: it ends every Ray process on the machine, other users' too.
 
-What is not on 127.0.0.1: Ray's GCS, raylets and metrics agents listen on every interface
-whatever ``--node-ip-address`` says; on a shared machine firewall their ports (see
-``cluster/README.md``).
+What is not on 127.0.0.1: ``ray start`` turns ``--node-ip-address=127.0.0.1`` into the machine's
+own address (``services.resolve_ip_for_localhost``; the loopback is kept only with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes worker nodes refuse to join), so Ray's GCS,
+raylets, object managers and metrics agents listen there or on every interface. The dashboard
+and job server (``dashboard_url``) are on ``host``; so are the servers one runs beside the
+cluster (Serve's HTTP proxy via ``http_options.host``, MLflow). On a shared machine, firewall
+Ray's ports (see ``cluster/README.md``).
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-ITERATIONS = 6
-RESUMED_ITERATIONS = 7
+ITERATIONS = 8
+RESUMED_ITERATIONS = 9
 KILL_AFTER_ITERATION = 1
 TINY = [
     "--eval-episodes", "0", "--no-tracking", "--seed", "0", "--checkpoint-every", "2",
@@ -158,6 +158,22 @@ def wait_for_job(cluster: Cluster, job_id: str, every=None) -> str:
     return logs
 
 
+def poll(cluster: Cluster, job_id: str, read, ready):
+    """``read()`` until ``ready`` of it; fails when job ``job_id`` ends first. The last reading."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    checked = time.monotonic()
+    while not ready(value := read()):
+        assert time.monotonic() < deadline, f"job {job_id}: gave up waiting"
+        if time.monotonic() - checked > 10:
+            status = job_status(cluster, job_id)
+            assert status in ("PENDING", "RUNNING"), (
+                f"{job_id} {status}: {job_logs(cluster, job_id)}"
+            )
+            checked = time.monotonic()
+        time.sleep(0.5)
+    return value
+
+
 def iterations_logged(logs: str) -> list[int]:
     return [int(i) for i in re.findall(r"^iter +(\d+)/\d+ ", logs, re.M)]
 
@@ -179,15 +195,14 @@ def training(cluster, tmp_path_factory) -> dict:
     seen: dict = {"run_dir": run_dir}
     submit(cluster, "train", *train, "--iterations", str(ITERATIONS))
 
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while True:  # until the runners are placed and training is under way
-        assert job_status(cluster, "train") in ("PENDING", "RUNNING"), job_logs(cluster, "train")
-        assert time.monotonic() < deadline, "training never reached the kill point"
-        runners = placement(cluster, ENV_RUNNER)
-        done = iterations_logged(job_logs(cluster, "train"))
-        if len(runners) == 2 and done and done[-1] >= KILL_AFTER_ITERATION:
-            break
-        time.sleep(1.0)
+    # the runners are placed while the algorithm is built; the kill comes once training runs
+    runners = poll(cluster, "train", lambda: placement(cluster, ENV_RUNNER), lambda r: len(r) == 2)
+    done = poll(
+        cluster,
+        "train",
+        lambda: iterations_logged(job_logs(cluster, "train")),
+        lambda d: d and d[-1] >= KILL_AFTER_ITERATION,
+    )
     seen["runners_before"] = runners
     seen["iteration_at_kill"] = done[-1]
     victim = cluster.workers[-1]
