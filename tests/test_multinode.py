@@ -283,19 +283,39 @@ def test_sweep_runs_its_concurrent_trials_on_different_nodes(cluster, tmp_path):
     )
     logs = wait_for_job(cluster, "sweep", every=record)
     together = [nodes for nodes in seen if len(nodes) == 2]
-    results = sorted((tmp_path / "tune").rglob("result.json"))
-    reached = [json.loads(p.read_text().splitlines()[-1])["training_iteration"] for p in results]
+    # each trial's rows (pid, timestamps) and the node of the Tune actor with that pid
+    runs = [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted((tmp_path / "tune").rglob("result.json"))
+    ]
+    names = cluster.node_names()
+    node_of = {a["pid"]: names.get(a["node_id"]) for a in cluster.actors(TRIAL, "DEAD")}
+    trials = [
+        {
+            "node": node_of.get(rows[0]["pid"]),
+            "iterations": rows[-1]["training_iteration"],
+            "from": rows[0]["timestamp"] - rows[0]["time_this_iter_s"],
+            "to": rows[-1]["timestamp"],
+        }
+        for rows in runs
+    ]
     print(
-        f"sweep: trial actors' nodes while running {sorted(set(map(tuple, seen)))}; "
-        f"{len(together)} polls saw two trials at once; iterations per trial {reached}",
+        f"sweep: trials (node, iterations) {[(t['node'], t['iterations']) for t in trials]}; "
+        f"trial actors' nodes at each poll while running {sorted(set(map(tuple, seen)))} "
+        f"({len(together)} polls saw two at once)",
         flush=True,
     )
     assert "2 trials, 0 failed" in logs, logs[-3000:]
-    assert together, seen
-    for nodes in together:  # two trials at once: each on its own worker node
-        assert len(set(nodes)) == 2 and set(nodes) <= set(cluster.workers), nodes
-    assert len(results) == 2
-    assert min(reached) >= 1 and max(reached) == 3, reached  # ASHA may stop the worse one early
+    assert len(trials) == 2, trials
+    first, second = trials
+    # the two trials ran at the same time, each on its own worker node
+    assert max(first["from"], second["from"]) < min(first["to"], second["to"]), trials
+    assert first["node"] != second["node"] and {first["node"], second["node"]} <= set(
+        cluster.workers
+    ), trials
+    assert all(len(set(nodes)) == len(nodes) for nodes in seen), seen
+    # ASHA may stop the worse one early
+    assert min(t["iterations"] for t in trials) >= 1 and max(t["iterations"] for t in trials) == 3
 
 
 # --- serving -------------------------------------------------------------------------------
@@ -455,7 +475,9 @@ def test_a_new_champion_rolls_onto_the_running_cluster_without_dropped_requests(
     mlflow_server,  # noqa: F811
 ):
     final = training["run_dir"] / "checkpoints" / f"iter_{RESUMED_ITERATIONS:06d}"
+    began = time.monotonic()
     printed = register(mlflow_server["uri"], service["root"], final)
+    registered_s = time.monotonic() - began
     assert f"registered {MODEL_NAME} version 2 " in printed, printed
     client = MlflowClient(tracking_uri=mlflow_server["uri"], registry_uri=mlflow_server["uri"])
     gate = client.get_model_version(MODEL_NAME, "2").tags.get("gate_decision")
@@ -473,14 +495,17 @@ def test_a_new_champion_rolls_onto_the_running_cluster_without_dropped_requests(
             assert time.monotonic() < deadline, "the new champion never came up"
             time.sleep(0.5)
 
+    began = time.monotonic()
     results = under_load(service, roll)
+    rolled_s = time.monotonic() - began
     statuses = [status for status, _ in results]
     versions = [version for _, version in results]
     print(
         f"champion roll: gate said {gate!r}; requests answered {statuses.count(200)} of "
         f"{len(results)}, non-200 {len(results) - statuses.count(200)}; first answer by "
         f"{versions[0]}, last by {versions[-1]}; replicas {before} -> "
-        f"{placement(cluster, REPLICA)}",
+        f"{placement(cluster, REPLICA)}; registering took {registered_s:.0f} s, the roll under "
+        f"load {rolled_s:.0f} s",
         flush=True,
     )
     assert len(results) > 20 and all(s == 200 for s in statuses), [
