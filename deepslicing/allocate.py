@@ -42,8 +42,11 @@ Steps per cell:
 3. guardrail: each slice is first reserved ``qos_floor`` x its needed share (when the reserves fit
    the cell), and the rest of the requests are coordinated into what remains, so shares are >= 0
    and sum to at most 1, always. Requests that fit are granted as asked (the policy decides). Under
-   overload the guardrail uses the utility objective of :mod:`deepslicing.coordinator` (ADMM,
-   ``rho``, ``iterations``, defaults 2 and 100) with the slices' utility weights w, and, since it
+   overload the guardrail uses the utility objective of :mod:`deepslicing.coordinator` with the
+   slices' utility weights w, solved exactly (``method`` "projection", the default: the LP
+   optimum, on the coordinator's numpy engine, so a replica answering never imports numba, about
+   125 MiB; residuals 0), or by the compiled ADMM loop (``method`` "admm", ``rho``, ``iterations``,
+   defaults 2 and 100, which reaches 0.9998 of the exact utility on average), and, since it
    knows each slice's need d, values the part of a request a within the need, min(a, d), at the
    slice's true density w / d; the part beyond the need gets what is left afterwards, pro rata.
    That is the oracle (the LP on true needs) restricted to x <= a: a slice never gets more than
@@ -52,7 +55,8 @@ Steps per cell:
    cells at 1.5-2x overload (tests/test_allocate.py), utility relative to the oracle when the
    policy asks its need x lognormal(0, 0.3): 0.94 with this rule, 0.84 with the density from the
    request or from max(request, need), 0.50 with the Euclidean projection; asking exactly the
-   need: 0.9999 (projection 0.53). ``objective="euclidean"`` keeps the old equal cut;
+   need: 1 with the exact method, 0.9999 with ADMM (Euclidean projection 0.53).
+   ``objective="euclidean"`` keeps the old equal cut;
 4. PRBs = floor(share x num_prbs), so PRBs never exceed the cell either;
 5. predicted QoS of the allocation (throughput, p95 delay), whether each SLA holds
    (share >= need) and its risk (1 - min(1, share / need)).
@@ -74,6 +78,7 @@ from deepslicing.coordinator import (
     CAPACITY_TOLERANCE,
     UTILITY_ITERATIONS,
     UTILITY_RHO,
+    Method,
     Objective,
     check_admm,
     check_objective,
@@ -95,19 +100,23 @@ class InfeasibleError(ValueError):
 @dataclass(frozen=True)
 class Guardrail:
     """How requests become a feasible allocation (see the module docstring, step 3): ADMM
-    ``rho`` and ``iterations`` (the utility objective's defaults), the ``qos_floor`` reserve,
-    ``reject_infeasible``, and the coordinator's ``objective`` ("utility"; "euclidean" is the
-    old equal cut)."""
+    ``rho`` and ``iterations`` (the utility objective's defaults; used when ``method`` is
+    "admm"), the ``qos_floor`` reserve, ``reject_infeasible``, the coordinator's ``objective``
+    ("utility"; "euclidean" is the old equal cut) and ``method`` ("projection", the default:
+    the exact answer, without numba; "admm": the compiled ADMM loop)."""
 
     rho: float = UTILITY_RHO
     iterations: int = UTILITY_ITERATIONS
     qos_floor: float = 0.0
     reject_infeasible: bool = False
     objective: Objective = "utility"
+    method: Method = "projection"
 
     def __post_init__(self) -> None:
         check_admm(self.rho, self.iterations)
         check_objective(self.objective)
+        if self.method not in ("projection", "admm"):
+            raise ValueError(f"method: must be 'projection' or 'admm', got {self.method!r}")
         if not (isinstance(self.qos_floor, int | float) and 0.0 <= self.qos_floor <= 1.0):
             raise ValueError(f"qos_floor: must be a number in [0, 1], got {self.qos_floor!r}")
 
@@ -337,8 +346,16 @@ def coordinate(
     weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reserve ``qos_floor`` x need where the reserves fit, coordinate the rest into what remains
-    by ADMM on the guardrail's objective; returns shares, primal and dual residuals ``(C, N)``,
-    ``(C,)``, ``(C,)``. ``weights``: the slices' utility weights (None: equal)."""
+    by the guardrail's method on its objective; returns shares, primal and dual residuals
+    ``(C, N)``, ``(C,)``, ``(C,)`` (residuals 0 for the exact method). ``weights``: the slices'
+    utility weights (None: equal)."""
+    # the exact method runs on numpy, so a replica answering with it never imports numba
+    solve = {
+        "method": guardrail.method,
+        "rho": guardrail.rho,
+        "iterations": guardrail.iterations,
+        "engine": "numpy" if guardrail.method == "projection" else "numba",
+    }
     reserve = None
     if guardrail.qos_floor == 0.0:
         rest, rest_need, room = np.maximum(requested, 0.0), need, None
@@ -359,22 +376,14 @@ def coordinate(
         valued = weights * np.divide(
             within, rest_need, out=np.zeros_like(within), where=rest_need > 0
         )
-        result = coordinate_shares(
-            within, valued, method="admm", rho=guardrail.rho, iterations=guardrail.iterations
-        )
+        result = coordinate_shares(within, valued, **solve)
         beyond = rest - within
         left = np.maximum(1.0 - result.shares.sum(axis=-1, keepdims=True), 0.0)
         wanted = beyond.sum(axis=-1, keepdims=True)
         scale = np.minimum(1.0, np.divide(left, wanted, out=np.ones_like(left), where=wanted > 0))
         result = result._replace(shares=result.shares + beyond * scale)
     else:
-        result = coordinate_shares(
-            rest,
-            method="admm",
-            objective="euclidean",
-            rho=guardrail.rho,
-            iterations=guardrail.iterations,
-        )
+        result = coordinate_shares(rest, objective="euclidean", **solve)
     if reserve is None:
         return result.shares, result.primal_residual, result.dual_residual
     share = np.where(room > 1e-12, reserve + result.shares * safe_room, reserve)

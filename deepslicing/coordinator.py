@@ -9,9 +9,10 @@ more share of capacity would add to the cell's utility), for the Euclidean one a
 cut). It is 0 when the requests fit.
 
 :func:`coordinate` is the one entry point (``method`` "projection" = exact closed form, or "admm";
-``objective`` "utility", the default, or "euclidean"); it returns :class:`Coordination` (shares,
-price, primal and dual residual). ``project_capacity`` and ``admm_allocate`` are the Euclidean
-pieces under their old names.
+``objective`` "utility", the default, or "euclidean"; ``engine`` "numba", the default, or
+"numpy", see the end); it returns :class:`Coordination` (shares, price, primal and dual
+residual). ``project_capacity`` and ``admm_allocate`` are the Euclidean pieces under their old
+names.
 
 **Utility objective** (the default). The requests a_i >= 0 are taken as each slice's claimed need,
 and the allocation is the optimum of the linear program
@@ -22,14 +23,14 @@ the cell's utility (:func:`deepslicing.model.rewards`: weighted satisfaction; ov
 never pays, so x_i <= a_i costs nothing) as the slices claim it. It is a fractional knapsack
 (Dantzig 1957): if sum a <= 1 the answer is x = a; else slices are filled in decreasing value
 density v_i = w_i / a_i (utility per unit share) until the capacity runs out. Slices of equal
-density (relative difference <= ``TIE_TOLERANCE``) share what is left so that each gets the same
-satisfaction (x_i proportional to a_i): the LP is indifferent between them, this choice makes the
-answer unique and independent of slice order. A slice requesting 0 gets 0. The price is the
-density of the first slice not fully served (the marginal one): the KKT conditions give
-lambda = v_marginal, with x_i = a_i for v_i > lambda and x_i = 0 for v_i < lambda. Unlike the
-projection, which cuts every request by the same amount (so small slices such as URLLC or mMTC
-reach zero first), a small slice with a high density is served first: a slice with a higher value
-density is never less satisfied than one with a lower density.
+density (in decreasing order, each within a relative ``TIE_TOLERANCE`` of the one before) share
+what is left so that each gets the same satisfaction (x_i proportional to a_i): the LP is
+indifferent between them, this choice makes the answer unique and independent of slice order.
+A slice requesting 0 gets 0. The price is the density of the first slice not fully served (the
+marginal one): the KKT conditions give lambda = v_marginal, with x_i = a_i for v_i > lambda and
+x_i = 0 for v_i < lambda. Unlike the projection, which cuts every request by the same amount (so
+small slices such as URLLC or mMTC reach zero first), a small slice with a high density is served
+first: a slice with a higher value density is never less satisfied than one with a lower density.
 
 **ADMM on the utility objective** (sharing form, Boyd et al. 2011, section 7.3), with
 f_i(x) = -v_i min(x, a_i) on [0, a_i] and the weights normalised to sum 1 per cell (so rho is in
@@ -70,8 +71,28 @@ linearly to project_capacity(a) (from a cold start, max error about 2e-5 after 1
 1e-14 after 30 at rho = 0.5). Defaults ``DEFAULT_RHO`` = 0.5, ``DEFAULT_ITERATIONS`` = 20. Its
 price estimate is rho x the mean u over the slices given a share.
 
-All row loops run compiled (numba, cached on disk after the first call in a fresh install): a
-3-slice cell takes a few microseconds through :func:`coordinate`.
+**Engines.** With ``engine="numba"`` (the default) every method runs as compiled row loops
+(numba, cached on disk after the first call in a fresh install), kept in the private module
+``deepslicing._coordinator_kernels`` and imported on the first call, so importing this module does
+not import numba (about 125 MiB in a process once a compiled function is loaded; the Serve
+replica's guardrail, :mod:`deepslicing.allocate`, uses the numpy engine). ``engine="numpy"`` runs
+the exact method only, on both objectives, with the same rules: up to ``ROW_LOOP_MAX`` = 8 rows in
+a loop over Python floats (numpy's per-call overhead would dominate), more rows vectorised
+(``argsort`` by density, ``cumsum`` for what the groups before each tie group take, the marginal
+group pro rata; for the projection, sort, ``cumsum`` and the max of Condat's ratios). It agrees
+with the compiled loops to 5e-16 in shares and exactly in prices on seeded random rows of 1-20
+slices with ties, zeros and negative requests (tests/test_coordinator.py). Time per call through
+:func:`coordinate`, 3-slice cells, equal weights (best of 7, on the 2-CPU machine of
+``docs/benchmarks.md`` under a load average of about 20, so an upper bound):
+
+| rows (cells) | utility: numba / numpy | euclidean: numba / numpy |
+|--------------|------------------------|--------------------------|
+| 1            | 2.9 / 3.9 us           | 2.5 / 3.0 us             |
+| 8            | 5.0 / 18 us            | 2.7 / 15 us              |
+| 16           | 6.8 / 42 us            | 3.2 / 13 us              |
+| 500          | 114 / 113 us           | 30 / 55 us               |
+
+Training, evaluation and the simulator keep the default, compiled engine.
 
 Sources: S. Boyd et al., "Distributed Optimization and Statistical Learning via the Alternating
 Direction Method of Multipliers", Found. Trends Mach. Learn. 3(1), 2011 (sections 4.4, 7.3);
@@ -84,7 +105,6 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-import numba
 import numpy as np
 
 DEFAULT_RHO = 0.5
@@ -93,8 +113,10 @@ UTILITY_RHO = 2.0  # utility objective's ADMM defaults: measured, see the module
 UTILITY_ITERATIONS = 100
 CAPACITY_TOLERANCE = 1e-9  # sum of shares above 1 + this counts as a capacity violation
 TIE_TOLERANCE = 1e-12  # value densities within this relative distance count as equal
+ROW_LOOP_MAX = 8  # the numpy engine loops over up to this many rows in Python, else vectorises
 
 Method = Literal["projection", "admm"]
+Engine = Literal["numba", "numpy"]
 Objective = Literal["utility", "euclidean"]
 OBJECTIVES = ("utility", "euclidean")
 
@@ -111,31 +133,6 @@ def admm_allocate(
     return coordinate(
         requests, method="admm", objective="euclidean", rho=rho, iterations=iterations
     )
-
-
-@numba.njit(cache=True)
-def _admm_rows(a, rho, iterations, shares, primal, dual, price):  # pragma: no cover - compiled
-    """ADMM row by row, compiled: at the few slices of a cell, numpy's per-call overhead would
-    cost 10 to 100 times the arithmetic. Same iteration as the module docstring; ``price`` gets
-    rho x the mean dual u over the slices given a share."""
-    num_rows, n = a.shape
-    no_cap = np.full(n, np.inf)
-    buffer = np.empty(n)
-    for r in range(num_rows):
-        z = np.zeros(n)
-        u = np.zeros(n)
-        x = np.zeros(n)
-        z_prev = np.zeros(n)
-        for _ in range(iterations):
-            x = (a[r] + rho * (z - u)) / (1.0 + rho)
-            z_prev = z
-            z = np.empty(n)
-            _project_into(x + u, z, buffer)
-            u = u + x - z
-        shares[r] = z
-        primal[r] = np.sqrt(np.sum((x - z) ** 2))
-        dual[r] = rho * np.sqrt(np.sum((z - z_prev) ** 2))
-        price[r] = rho * _mean_served_dual(z, u, no_cap)
 
 
 class Coordination(NamedTuple):
@@ -156,6 +153,7 @@ def coordinate(
     objective: Objective = "utility",
     rho: float | None = None,
     iterations: int | None = None,
+    engine: Engine = "numba",
 ) -> Coordination:
     """Turn requested shares ``(..., S)`` into a feasible allocation (see the module docstring).
 
@@ -163,7 +161,9 @@ def coordinate(
     ``requests``; None means equal weights; the Euclidean objective ignores them. ``method``:
     "projection" (exact, closed form) or "admm"; ``rho`` and ``iterations`` apply to ADMM only
     and default to the objective's own (:data:`UTILITY_RHO` and :data:`UTILITY_ITERATIONS`, or
-    :data:`DEFAULT_RHO` and :data:`DEFAULT_ITERATIONS`).
+    :data:`DEFAULT_RHO` and :data:`DEFAULT_ITERATIONS`). ``engine``: "numba" (compiled row
+    loops, imported on first use) or "numpy" (the exact method only, vectorised over the rows,
+    without importing numba); both give the same answer.
     """
     a = np.asarray(requests, dtype=np.float64)
     n = a.shape[-1]
@@ -171,34 +171,47 @@ def coordinate(
     if not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows)
     lead = a.shape[:-1]
-    shares = np.empty_like(rows)
-    price = np.empty(rows.shape[0])
     check_objective(objective)
+    if method not in ("projection", "admm"):
+        raise ValueError(f"method: must be 'projection' or 'admm', got {method!r}")
+    if engine not in ("numba", "numpy"):
+        raise ValueError(f"engine: must be 'numba' or 'numpy', got {engine!r}")
     if objective == "utility":
         w = _weight_rows(weights, a.shape, n)
+    if engine == "numpy":
+        if method != "projection":
+            raise ValueError("engine: 'numpy' runs the exact method only (method='projection')")
+        if objective == "utility":
+            shares, price = _utility_numpy(rows, w)
+        else:
+            shares, price = _projection_numpy(rows)
+        zero = np.zeros(lead)
+        return Coordination(shares.reshape(a.shape), price.reshape(lead), zero, zero)
+    from deepslicing import _coordinator_kernels as kernels
+
+    shares = np.empty_like(rows)
+    price = np.empty(rows.shape[0])
     if method == "projection":
         if objective == "utility":
-            ok = _utility_rows(rows, w, shares, price)
+            ok = kernels.utility_rows(rows, w, shares, price)
         else:
-            ok = _projection_rows(rows, shares, price)
+            ok = kernels.projection_rows(rows, shares, price)
         _check_weights(ok)
         zero = np.zeros(lead)
         return Coordination(shares.reshape(a.shape), price.reshape(lead), zero, zero)
-    if method != "admm":
-        raise ValueError(f"method: must be 'projection' or 'admm', got {method!r}")
     primal = np.empty(rows.shape[0])
     dual = np.empty(rows.shape[0])
     if objective == "utility":
         rho = UTILITY_RHO if rho is None else rho
         iterations = UTILITY_ITERATIONS if iterations is None else iterations
         check_admm(rho, iterations)
-        ok = _admm_utility_rows(rows, w, float(rho), iterations, shares, price, primal, dual)
+        ok = kernels.admm_utility_rows(rows, w, float(rho), iterations, shares, price, primal, dual)
         _check_weights(ok)
     else:
         rho = DEFAULT_RHO if rho is None else rho
         iterations = DEFAULT_ITERATIONS if iterations is None else iterations
         check_admm(rho, iterations)
-        _admm_rows(rows, float(rho), iterations, shares, primal, dual, price)
+        kernels.admm_rows(rows, float(rho), iterations, shares, primal, dual, price)
     return Coordination(
         shares.reshape(a.shape), price.reshape(lead), primal.reshape(lead), dual.reshape(lead)
     )
@@ -217,6 +230,101 @@ def _weight_rows(weights, shape: tuple[int, ...], n: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(w, shape).reshape(-1, n))
 
 
+def _utility_numpy(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The utility objective's exact answer without numba: rows ``a`` ``(R, S)``, weights
+    ``(1, S)`` or ``(R, S)``; returns shares ``(R, S)`` and prices ``(R,)``. Up to
+    :data:`ROW_LOOP_MAX` rows in a plain loop, more vectorised over the rows."""
+    if a.shape[0] <= ROW_LOOP_MAX:
+        weights = w.tolist()
+        _check_weights(all(0.0 <= x < np.inf for row in weights for x in row))
+        answers = [
+            _utility_row(row, weights[0] if len(weights) == 1 else weights[r])
+            for r, row in enumerate(a.tolist())
+        ]
+        return np.array([x for x, _ in answers]), np.array([p for _, p in answers])
+    _check_weights(bool(((w >= 0.0) & (w < np.inf)).all()))  # False for NaN too
+    return _utility_vectorised(np.maximum(a, 0.0), w)
+
+
+def _utility_row(a: list[float], w: list[float]) -> tuple[list[float], float]:
+    """One row of :func:`_utility_numpy`: the compiled loop's steps, on Python floats."""
+    x = [v if v > 0.0 else 0.0 for v in a]
+    if sum(x) <= 1.0:
+        return x, 0.0
+    # a slice requesting nothing sorts last (density -1) and keeps its 0
+    density = [wi / xi if xi > 0.0 else -1.0 for wi, xi in zip(w, x, strict=True)]
+    order = sorted(range(len(x)), key=density.__getitem__, reverse=True)  # stable
+    left, k, n = 1.0, 0, len(x)
+    while k < n and density[order[k]] >= 0.0:
+        m, group = k + 1, x[order[k]]
+        while m < n and density[order[m]] >= density[order[m - 1]] * (1.0 - TIE_TOLERANCE):
+            group += x[order[m]]
+            m += 1
+        if group > left:  # the marginal group: each gets the same satisfaction left / group
+            for j in order[k:m]:
+                x[j] *= left / group
+            for j in order[m:]:
+                x[j] = 0.0
+            return x, density[order[k]]
+        left -= group
+        k = m
+    return x, 0.0
+
+
+def _utility_vectorised(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_utility_numpy` for every row at once: sort by value density, cumulative sums give
+    what the groups before each tie group take, and the marginal group gets the rest pro rata."""
+    # a slice requesting nothing sorts last (density -1) and gets nothing
+    density = np.divide(np.broadcast_to(w, a.shape), a, out=np.full(a.shape, -1.0), where=a > 0.0)
+    order = np.argsort(-density, axis=-1, kind="stable")
+    d = np.take_along_axis(density, order, axis=-1)
+    s = np.take_along_axis(a, order, axis=-1)
+    head = np.ones(a.shape, dtype=bool)  # a tie group starts where the density drops
+    head[:, 1:] = d[:, 1:] < d[:, :-1] * (1.0 - TIE_TOLERANCE)
+    last = np.ones(a.shape, dtype=bool)
+    last[:, :-1] = head[:, 1:]
+    through = np.cumsum(s, axis=-1)
+    # shares taken by the groups before / up to and including each slice's group
+    before = np.maximum.accumulate(np.where(head, through - s, -np.inf), axis=-1)
+    upto = np.minimum.accumulate(np.where(last, through, np.inf)[:, ::-1], axis=-1)[:, ::-1]
+    marginal = (before <= 1.0) & (upto > 1.0)
+    fraction = np.where(
+        upto <= 1.0,
+        1.0,
+        np.where(marginal, (1.0 - before) / np.where(marginal, upto - before, 1.0), 0.0),
+    )
+    shares = np.empty_like(a)
+    np.put_along_axis(shares, order, s * fraction, axis=-1)
+    price = np.where(marginal & head, d, 0.0).sum(axis=-1)
+    return shares, price
+
+
+def _projection_numpy(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`project_capacity` and its multiplier tau for every row ``(R, S)`` at once (the
+    sort-based rule of the module docstring)."""
+    if v.shape[0] <= ROW_LOOP_MAX:
+        answers = [_projection_row(row) for row in v.tolist()]
+        return np.array([x for x, _ in answers]), np.array([tau for _, tau in answers])
+    clipped = np.maximum(v, 0.0)
+    over = clipped.sum(axis=-1) > 1.0
+    largest = np.cumsum(-np.sort(-v, axis=-1), axis=-1)  # sums of the j largest entries
+    tau = np.where(over, ((largest - 1.0) / np.arange(1.0, v.shape[-1] + 1.0)).max(axis=-1), 0.0)
+    shares = np.where(over[:, None], np.maximum(v - tau[:, None], 0.0), clipped)
+    return shares, tau
+
+
+def _projection_row(v: list[float]) -> tuple[list[float], float]:
+    """One row of :func:`_projection_numpy` on Python floats."""
+    clipped = [x if x > 0.0 else 0.0 for x in v]
+    if sum(clipped) <= 1.0:
+        return clipped, 0.0
+    tau, running = -np.inf, 0.0
+    for j, x in enumerate(sorted(v, reverse=True), start=1):
+        running += x
+        tau = max(tau, (running - 1.0) / j)
+    return [max(x - tau, 0.0) for x in v], tau
+
+
 def _check_weights(ok: bool) -> None:
     if not ok:
         raise ValueError("weights: must be finite numbers >= 0 (the slices' utility weights)")
@@ -229,177 +337,6 @@ def claimed_utility(shares: np.ndarray, requests: np.ndarray, weights) -> np.nda
     x = np.asarray(shares, dtype=np.float64)
     sat = np.where(a > 0.0, np.minimum(1.0, x / np.where(a > 0.0, a, 1.0)), 1.0)
     return (np.broadcast_to(weights, a.shape) * sat).sum(axis=-1)
-
-
-@numba.njit(cache=True)
-def _valid_weights(w):  # pragma: no cover - compiled
-    for r in range(w.shape[0]):
-        for i in range(w.shape[1]):
-            if not (0.0 <= w[r, i] < np.inf):  # False for NaN too
-                return False
-    return True
-
-
-@numba.njit(cache=True)
-def _utility_rows(a, w, shares, price):  # pragma: no cover - compiled
-    """The utility objective's exact answer, row by row (module docstring): fill slices in
-    decreasing value density; a group of equal densities shares what is left pro rata.
-    Returns False (and does nothing) when a weight is negative or not finite."""
-    if not _valid_weights(w):
-        return False
-    num_rows, n = a.shape
-    shared = w.shape[0] == 1
-    density = np.empty(n)
-    for r in range(num_rows):
-        wr = w[0] if shared else w[r]
-        total = 0.0
-        for i in range(n):
-            shares[r, i] = max(a[r, i], 0.0)
-            total += shares[r, i]
-        price[r] = 0.0
-        if total <= 1.0:
-            continue
-        for i in range(n):
-            # a slice requesting nothing sorts last and gets nothing
-            density[i] = wr[i] / shares[r, i] if shares[r, i] > 0.0 else -1.0
-        order = np.argsort(-density)
-        left = 1.0
-        k = 0
-        while k < n:
-            top = density[order[k]]
-            if top < 0.0:
-                break
-            m = k
-            group = 0.0
-            while m < n and density[order[m]] >= top * (1.0 - TIE_TOLERANCE):
-                group += shares[r, order[m]]
-                m += 1
-            if group > left:  # the marginal group: each gets the same satisfaction left / group
-                fraction = left / group
-                for j in range(k, m):
-                    shares[r, order[j]] *= fraction
-                for j in range(m, n):
-                    shares[r, order[j]] = 0.0
-                price[r] = top
-                break
-            left -= group
-            k = m
-    return True
-
-
-@numba.njit(cache=True)
-def _projection_rows(a, shares, price):  # pragma: no cover - compiled
-    """:func:`project_capacity` row by row, and the multiplier tau of sum z <= 1."""
-    buffer = np.empty(a.shape[1])
-    for r in range(a.shape[0]):
-        price[r] = _project_into(a[r], shares[r], buffer)
-    return True
-
-
-@numba.njit(cache=True)
-def _project_into(v, out, buffer):  # pragma: no cover - compiled
-    """out = :func:`project_capacity` of the row ``v`` without allocating; returns tau (0 when
-    the clipped row fits)."""
-    n = v.shape[0]
-    total = 0.0
-    for i in range(n):
-        out[i] = max(v[i], 0.0)
-        total += out[i]
-    if total <= 1.0:
-        return 0.0
-    for i in range(n):  # insertion sort into buffer, ascending: a cell has few slices
-        value = v[i]
-        j = i
-        while j > 0 and buffer[j - 1] > value:
-            buffer[j] = buffer[j - 1]
-            j -= 1
-        buffer[j] = value
-    tau = -np.inf
-    running = 0.0
-    for j in range(n):  # the j + 1 largest entries
-        running += buffer[n - 1 - j]
-        tau = max(tau, (running - 1.0) / (j + 1.0))
-    for i in range(n):
-        out[i] = max(v[i] - tau, 0.0)
-    return tau
-
-
-@numba.njit(cache=True)
-def _admm_utility_rows(a, w, rho, iterations, shares, price, primal, dual):  # pragma: no cover
-    """ADMM on the utility objective, row by row and without allocating in the loop (module
-    docstring). Returns False (and does nothing) when a weight is negative or not finite."""
-    if not _valid_weights(w):
-        return False
-    num_rows, n = a.shape
-    shared = w.shape[0] == 1
-    cap = np.empty(n)
-    step = np.empty(n)
-    x = np.empty(n)
-    y = np.empty(n)
-    z = np.empty(n)
-    z_prev = np.empty(n)
-    u = np.empty(n)
-    buffer = np.empty(n)
-    for r in range(num_rows):
-        wr = w[0] if shared else w[r]
-        total = 0.0
-        scale = 0.0
-        for i in range(n):
-            cap[i] = max(a[r, i], 0.0)
-            total += cap[i]
-            scale += wr[i]
-        primal[r] = 0.0
-        dual[r] = 0.0
-        price[r] = 0.0
-        if total <= 1.0:  # the requests fit: they are the answer
-            shares[r] = cap
-            continue
-        if scale <= 0.0:
-            scale = 1.0
-        for i in range(n):
-            step[i] = wr[i] / scale / cap[i] / rho if cap[i] > 0.0 else 0.0
-            z[i] = 0.0
-            u[i] = 0.0
-            x[i] = 0.0
-            z_prev[i] = 0.0
-        for _ in range(iterations):
-            for i in range(n):
-                x[i] = min(max(z[i] - u[i] + step[i], 0.0), cap[i])
-                y[i] = x[i] + u[i]
-                z_prev[i] = z[i]
-            _project_into(y, z, buffer)
-            for i in range(n):
-                u[i] += x[i] - z[i]
-        primal_sq = 0.0
-        dual_sq = 0.0
-        for i in range(n):
-            primal_sq += (x[i] - z[i]) ** 2
-            dual_sq += (z[i] - z_prev[i]) ** 2
-            shares[r, i] = min(z[i], cap[i])
-        primal[r] = np.sqrt(primal_sq)
-        dual[r] = rho * np.sqrt(dual_sq)
-        price[r] = rho * scale * _mean_served_dual(z, u, cap)
-    return True
-
-
-@numba.njit(cache=True)
-def _mean_served_dual(z, u, cap):  # pragma: no cover - compiled
-    """Mean of u over the partly served slices (0 < z_i < cap_i), else over every served one
-    (z_i > 0); 0 when none is served."""
-    partial = 0.0
-    partial_count = 0
-    served = 0.0
-    served_count = 0
-    for i in range(z.shape[0]):
-        if z[i] > 0.0:
-            served += u[i]
-            served_count += 1
-            if z[i] < cap[i]:
-                partial += u[i]
-                partial_count += 1
-    if partial_count:
-        return partial / partial_count
-    return served / served_count if served_count else 0.0
 
 
 def check_objective(objective: object) -> None:

@@ -351,3 +351,58 @@ def test_token_bucket_allows_the_burst_then_the_rate_and_says_how_long_to_wait()
     assert buckets.take("a") > 0
     now[0] += 100.0
     assert [buckets.take("a") for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # refills to the burst only
+
+
+def test_exact_guardrail_is_the_limit_of_the_admm_one():
+    """The default guardrail (the exact answer, no numba) gives what the compiled ADMM guardrail
+    converges to, with and without a QoS floor, on both objectives; its residuals are 0."""
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        slices, need = overloaded_cell(rng)
+        asked = need * rng.lognormal(0.0, 0.3, need.shape)
+        w = slices.utility_weight
+        for floor, objective in ((0.0, "utility"), (0.5, "utility"), (0.0, "euclidean")):
+            exact = coordinate(asked, need, Guardrail(qos_floor=floor, objective=objective), w)
+            iterated = Guardrail(
+                rho=0.5 if objective == "euclidean" else 2.0,
+                iterations=3000,
+                qos_floor=floor,
+                objective=objective,
+                method="admm",
+            )
+            admm = coordinate(asked, need, iterated, w)
+            np.testing.assert_allclose(exact[0], admm[0], atol=1e-4)
+            assert (exact[1] == 0).all() and (exact[2] == 0).all()
+            assert exact[0].min() >= 0 and exact[0].sum() <= 1 + 1e-9
+            assert true_utility(exact[0], need, w) >= true_utility(admm[0], need, w) - 1e-9
+    with pytest.raises(ValueError, match="method"):
+        Guardrail(method="simplex")
+
+
+def test_the_serve_replica_answers_without_numba():
+    """Importing the Serve app and answering an overloaded cell through its allocation core loads
+    no numba (about 125 MiB per replica): the default guardrail runs on numpy."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import serve_apps.allocator\n"
+        "from deepslicing import model\n"
+        "from deepslicing.allocate import Guardrail, SliceInput, allocate, slice_answers\n"
+        "cells = [[SliceInput(k, {}, kind=k, demand=1000.0 * d) for k, d in"
+        " (('embb', 20), ('urllc', 5), ('mmtc', 9))]]\n"
+        "actor = lambda obs: np.full(obs.shape[:2], 0.6, dtype=np.float32)\n"
+        "result, row = allocate(cells, [0.5], actor, ('embb', 'urllc', 'mmtc'), model.Cell(),"
+        " Guardrail())[0]\n"
+        "assert result.total_need[row] > 1, result.total_need\n"
+        "assert result.share[row].sum() <= 1 + 1e-9\n"
+        "slice_answers(result, row, cells[0])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

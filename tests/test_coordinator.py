@@ -270,3 +270,49 @@ def test_coordinate_checks_its_arguments():
     shaped = coordinate(np.random.default_rng(3).random((4, 6, 3)), np.ones(3), method="admm")
     assert shaped.shares.shape == (4, 6, 3) and shaped.price.shape == (4, 6)
     assert shaped.primal_residual.shape == (4, 6)
+
+
+def test_numpy_engine_matches_the_compiled_loops_and_the_lp(utility_cases, random_cases):
+    """The numba-free exact answer (what the Serve guardrail runs), vectorised over many rows and
+    looped over a few, equals the compiled one and the LP on the seeded cells, ties included."""
+    for _, a, w, _, lp_utility, _ in utility_cases:
+        compiled = coordinate(a, w)
+        for rows in (slice(None), slice(0, 1), slice(0, 5)):  # vectorised, then the row loop
+            result = coordinate(a[rows], w[rows], engine="numpy")
+            np.testing.assert_allclose(result.shares, compiled.shares[rows], atol=1e-12, rtol=0)
+            np.testing.assert_allclose(result.price, compiled.price[rows], rtol=1e-12, atol=0)
+            utility = claimed_utility(result.shares, a[rows], w[rows])
+            np.testing.assert_allclose(utility, lp_utility[rows], atol=1e-9)
+            assert not capacity_violations(result.shares).any()
+    for _, v, expected in random_cases:
+        compiled = coordinate(v, objective="euclidean")
+        for rows in (slice(None), slice(0, 3)):
+            result = coordinate(v[rows], objective="euclidean", engine="numpy")
+            np.testing.assert_allclose(result.shares, expected[rows], atol=1e-6, rtol=0)
+            np.testing.assert_allclose(result.shares, compiled.shares[rows], atol=1e-12, rtol=0)
+            np.testing.assert_allclose(result.price, compiled.price[rows], atol=1e-12, rtol=0)
+
+
+def test_numpy_engine_ties_zeros_shapes_and_arguments():
+    a = np.array([0.2, 0.4, 0.6, 0.8, 0.0])
+    w = np.append(a[:4] / a.sum(), 0.3)  # equal densities, and a slice requesting nothing
+    perm = np.array([2, 4, 0, 3, 1])
+    for rows in (1, 20):  # the row loop and the vectorised path
+        batch = np.tile(a, (rows, 1))
+        shares = coordinate(batch, w, engine="numpy").shares
+        np.testing.assert_allclose(shares[:, :4] / a[:4], 0.5, rtol=1e-12)
+        assert (shares[:, 4] == 0).all()
+        permuted = coordinate(batch[:, perm], w[perm], engine="numpy").shares
+        np.testing.assert_array_equal(permuted, shares[:, perm])
+        fits = coordinate(batch * 0.5, w, engine="numpy")
+        np.testing.assert_array_equal(fits.shares, batch * 0.5)
+        assert (fits.price == 0).all()
+    shaped = coordinate(np.random.default_rng(3).random((4, 6, 3)), np.ones(3), engine="numpy")
+    assert shaped.shares.shape == (4, 6, 3) and shaped.price.shape == (4, 6)
+    for rows in (1, 20):
+        with pytest.raises(ValueError, match="weights"):
+            coordinate(np.tile([0.5, 0.7], (rows, 1)), np.array([0.5, np.nan]), engine="numpy")
+    with pytest.raises(ValueError, match="engine"):
+        coordinate(a, method="admm", engine="numpy")
+    with pytest.raises(ValueError, match="engine"):
+        coordinate(a, engine="jax")
