@@ -7,13 +7,15 @@ run on it through the ordinary paths:
   worker node is SIGKILLed mid-training (every process of it), a replacement node joins (as an
   autoscaler would add one), RLlib restarts the lost env runner there, and the job completes;
   its checkpoints then resume in a second job (`--resume`).
-- `ray job submit` of a `deepslicing tune` sweep whose two concurrent trials run on different
-  nodes (read from Ray's state API while they run).
+- `ray job submit` of a `deepslicing tune` sweep whose two trials run at the same time on
+  different worker nodes (each trial's pid and timestamps from its Tune results, the node of the
+  Tune actor with that pid from Ray's state API).
 - `serve deploy` of the allocator with one replica on each worker (1 CPU each), loading
   `models:/deepslicing-allocator@champion` from an MLflow server on PostgreSQL
-  (tests/test_mlflow_postgres.py's fixtures); under a closed-loop load of 4 clients on
-  127.0.0.1 a worker node is SIGKILLed: at most the requests in flight fail, and once a
-  replacement node joins, Serve places the lost replica there and is back at 2 replicas.
+  (tests/test_mlflow_postgres.py's fixtures); under a bounded load (4 clients on 127.0.0.1,
+  one request at a time each, at most 10 a second) a worker node is SIGKILLed: at most the
+  requests in flight fail (one per client), and once a replacement node joins, Serve places the
+  lost replica there and is back at 2 replicas.
   Decision: a replacement node rather than rescheduling onto the survivor, because a replica
   takes a worker's whole CPU here, as on a cluster sized for its load (on a cluster with spare
   room Serve reschedules onto a surviving node by itself).
@@ -26,7 +28,6 @@ their resource tag. The fixtures stop every node (and the servers) even when a t
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from test_mlflow_postgres import SUITE, deepslicing, mlflow_server, postgres  # noqa: F401 (fixtures)
-from test_serve import KEY, SERVE_CONFIG_FILE, UNLIMITED, _load
+from test_serve import KEY, SERVE_CONFIG_FILE, UNLIMITED
 
 from deepslicing.local_cluster import LocalCluster
 from deepslicing.ray_runtime import free_ports
@@ -63,6 +64,7 @@ ENV_RUNNER = "MADDPGEnvRunner"
 TRIAL = "ImplicitFunc"  # Tune's actor of a function trainable
 REPLICA = f"ServeReplica:{APP_NAME}:{DEPLOYMENT_NAME}"
 LOAD_CLIENTS = 4
+LOAD_RATE_PER_CLIENT = 10.0  # requests a second: a bounded load, not a CPU hog
 JOB_TIMEOUT_S = 900
 
 
@@ -424,19 +426,41 @@ def model_version(settings: dict) -> str | None:
 
 
 def under_load(settings: dict, action) -> list:
-    """(status, model version) of every request of the closed-loop load around ``action()``."""
+    """(status, model version) of every request of a bounded load around ``action()``:
+    ``LOAD_CLIENTS`` clients on 127.0.0.1, each sending one request at a time, at most
+    ``LOAD_RATE_PER_CLIENT`` a second; a connection error counts as a failed request."""
     stop = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(
-            _load, "/allocate", OPERATOR_REQUEST, stop, LOAD_CLIENTS, settings["url"]
-        )
-        try:
-            time.sleep(2.0)
-            action()
-            time.sleep(2.0)
-        finally:
-            stop.set()
-        return load.result()
+    results: list = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        pause = 1.0 / LOAD_RATE_PER_CLIENT
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                status, answer = request(
+                    settings["url"], "POST", "/allocate", OPERATOR_REQUEST, KEY, timeout=60
+                )
+                ok = status == 200 and isinstance(answer, dict)
+                version = answer["model_version"] if ok else str(answer)[:200]
+            except OSError as e:
+                status, version = "connection error", str(e)
+            with lock:
+                results.append((status, version))
+            stop.wait(max(0.0, pause - (time.monotonic() - began)))
+
+    threads = [threading.Thread(target=client) for _ in range(LOAD_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2.0)
+        action()
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    return results
 
 
 def test_serve_replicas_on_both_workers_survive_a_node_kill(cluster, service):
