@@ -123,6 +123,11 @@ class ServeConfig:
     format: Literal["onnx", "int8", "torchscript"] = option(
         "onnx", "model file of an export directory (registered models are ONNX)"
     )
+    guardrail_method: Literal["projection", "admm"] = option(
+        "projection",
+        "how the guardrail solves an overloaded cell: projection (the exact answer, numpy) or "
+        "admm (the compiled ADMM loop with admm_rho and admm_iterations; loads numba, ~125 MB)",
+    )
     admm_rho: float = option(UTILITY_RHO, "guardrail ADMM penalty rho (> 0)")
     admm_iterations: int = option(UTILITY_ITERATIONS, "guardrail ADMM iterations (1..10000)")
     qos_floor: float = option(
@@ -183,7 +188,11 @@ class ServeConfig:
 
     def guardrail(self) -> Guardrail:
         return Guardrail(
-            self.admm_rho, self.admm_iterations, self.qos_floor, self.reject_infeasible
+            self.admm_rho,
+            self.admm_iterations,
+            self.qos_floor,
+            self.reject_infeasible,
+            method=self.guardrail_method,
         )
 
 
