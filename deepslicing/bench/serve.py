@@ -12,8 +12,8 @@ Serve's Python proxy actor (:mod:`deepslicing.ray_runtime`). The contenders:
 | `ours`    | the allocation service, ``serve_apps.allocator.build_app`` at ``/``: ``POST /allocate`` with the operator payload (:data:`deepslicing.serving.OPERATOR_REQUEST`, 3 slices) and an ``X-API-Key``; 1 replica (``min_replicas`` = ``max_replicas`` = 1), rate limits set so high that no request is refused |
 | `noop`    | a FastAPI ingress at ``/noop`` whose ``POST /allocate`` reads the request's body (``await request.body()``) and returns a small constant JSON; the same replica settings (1 replica, ``replica_cpus``, ``max_ongoing_requests``) |
 | `batch`   | ours, ``POST /allocate/batch`` with 500 cells of the operator payload's 3 slices (each cell its own seeded ``time_of_day``) |
-| `guardrail` | in-process, no HTTP: :func:`deepslicing.allocate.coordinate` with a :class:`~deepslicing.allocate.Guardrail` on the Euclidean objective (ADMM, rho 0.5, 20 iterations; the service's default is the utility objective, rho 2 x 100) on one 3-slice cell ``(1, 3)`` per call |
-| `cvxpy`   | in-process: the same problem (the guardrail's Euclidean objective, ADMM rho 0.5 x 20), the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
+| `guardrail` | in-process, no HTTP: :func:`deepslicing.allocate.coordinate` with a :class:`~deepslicing.allocate.Guardrail` on the Euclidean objective (its default method: the exact projection in numpy, as the service runs it; the service's objective is the utility one) on one 3-slice cell ``(1, 3)`` per call |
+| `cvxpy`   | in-process: the same problem (the guardrail's Euclidean objective), the Euclidean projection of the requests onto {z >= 0, sum z <= 1}, as a cvxpy problem compiled once with the requests as a ``Parameter`` and re-solved per call (cvxpy's default solver); the fastest way to use cvxpy per request |
 
 The noop reads the body because, behind the proxy, Serve's replica pulls a request's body from the
 proxy with one more actor call only when the app reads it. Every real endpoint must; a noop that
@@ -117,7 +117,7 @@ NOOP_PREFIX = "/noop"
 REQUEST_TIMEOUT_S = 60.0
 NOOP_ANSWER = {"status": "ok"}
 # packages a replica should not need to answer (MLflow's store and its data stack, cvxpy, torch),
-# and the two it does (numba: the compiled guardrail; onnxruntime: the actors)
+# and numba (the guardrail answers in numpy); onnxruntime (the actors) is listed to show it loads
 HEAVY_MODULES = (
     "mlflow",
     "sqlalchemy",
