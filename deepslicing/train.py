@@ -158,7 +158,7 @@ class TrainConfig:
     """Train MADDPG slice allocators on RLlib (local Ray, or the cluster at RAY_ADDRESS), with
     checkpoints in RUN_DIR, MLflow tracking and a final evaluation against the baselines."""
 
-    iterations: int = option(30, "training iterations (an iteration is about one episode per cell)")
+    iterations: int = option(45, "training iterations (an iteration is about one episode per cell)")
     checkpoint_every: int = option(5, "save a checkpoint every N iterations (and at the end)")
     run_dir: str = option("runs/maddpg", "directory for checkpoints, progress and evaluation")
     resume: bool = option(False, "continue the run in run_dir from its last checkpoint")

@@ -49,7 +49,7 @@ critic term and request_penalty 0.5 on requests beyond the cell (see
 exploration_noise 0 (the known reward's gradient needs no exploration, and noise-free rollouts
 are what the multipliers should measure); replay 100,000; 3,200 warm-up env steps; variant
 "both" with the utility objective's ADMM (rho 2 x 100 iterations), no cost budgets and one fixed
-price of a violation for every slice, initial_multiplier 0.05
+price of a violation for every slice, initial_multiplier 0.055
 (:data:`policies.constraints.DEFAULT_VIOLATION_PRICE`; docs/scorecard.md has the trade-off
 measured), multiplier_lr 0.5 for the budgets a user sets, multiplier_max 1.0; one local env runner with 8
 cells, 50 intervals per sample, and a local learner (num_learners=0). One iteration is at least
