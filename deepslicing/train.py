@@ -124,6 +124,9 @@ class MaddpgSettings:
     actor_hiddens: tuple[int, ...] = option(
         tuple(_DEFAULTS.actor_hiddens), "hidden layer sizes of each actor"
     )
+    drop_inputs: tuple[str, ...] = option(
+        (), "ablation: actor input groups held at 0 (history, time, price, levels)"
+    )
     critic_hiddens: tuple[int, ...] = option(
         tuple(_DEFAULTS.critic_hiddens), "hidden layer sizes of each centralised critic"
     )
@@ -246,6 +249,7 @@ def algorithm_config(config: TrainConfig) -> MADDPGConfig:
             replay_capacity=m.replay_capacity,
             num_steps_sampled_before_learning_starts=m.learning_starts,
             actor_hiddens=m.actor_hiddens,
+            drop_inputs=m.drop_inputs,
             critic_hiddens=m.critic_hiddens,
             admm_rho=m.admm_rho,
             admm_iterations=m.admm_iterations,

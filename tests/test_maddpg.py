@@ -29,7 +29,7 @@ FORECAST = FEATURES.index("need_forecast")
 
 
 def make_module(
-    inference_only: bool = False, kinds=("embb", "urllc", "mmtc"), seed: int = 0
+    inference_only: bool = False, kinds=("embb", "urllc", "mmtc"), seed: int = 0, **model_config
 ) -> MADDPGTorchRLModule:
     torch.manual_seed(seed)
     spaces = (
@@ -40,11 +40,22 @@ def make_module(
         observation_space=spaces[0],
         action_space=spaces[1],
         inference_only=inference_only,
-        model_config={"slice_kinds": list(kinds)},
+        model_config={"slice_kinds": list(kinds), **model_config},
     )
     if not inference_only:
         module.make_target_networks()
     return module
+
+
+def test_dropped_input_groups_read_as_zero_after_fitting():
+    module = make_module(drop_inputs=["levels", "time"])
+    obs = random_obs(64, NUM_SLICES)
+    module.fit_normalizer(obs)
+    inputs = module.normalized_inputs(obs)
+    assert torch.count_nonzero(inputs[..., [7, 8, 10, 11]]) == 0
+    assert torch.count_nonzero(inputs[..., [0, 1, 9]]) > 0
+    with pytest.raises(ValueError, match="drop_inputs"):
+        make_module(drop_inputs=["weather"])
 
 
 def random_obs(*shape: int) -> torch.Tensor:

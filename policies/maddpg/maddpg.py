@@ -116,6 +116,7 @@ class MADDPGConfig(AlgorithmConfig):
         self.replay_capacity = 100_000
         self.num_steps_sampled_before_learning_starts = 3_200
         self.actor_hiddens = (64, 64)
+        self.drop_inputs: tuple[str, ...] = ()
         self.critic_hiddens = (64, 64)
         self.variant = "both"
         self.admm_rho = UTILITY_RHO
@@ -152,6 +153,7 @@ class MADDPGConfig(AlgorithmConfig):
         replay_capacity: int = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
         actor_hiddens: Sequence[int] = NotProvided,
+        drop_inputs: Sequence[str] = NotProvided,
         critic_hiddens: Sequence[int] = NotProvided,
         variant: str = NotProvided,
         admm_rho: float = NotProvided,
@@ -185,6 +187,8 @@ class MADDPGConfig(AlgorithmConfig):
             num_steps_sampled_before_learning_starts: env steps of uniform random requests
                 before the first update.
             actor_hiddens: hidden layer sizes of each actor MLP.
+            drop_inputs: groups of actor inputs held at 0, for ablations: any of "history",
+                "time", "price", "levels" (the RL module's INPUT_GROUPS).
             critic_hiddens: hidden layer sizes of each critic MLP.
             variant: "unconstrained", "lagrangian", "admm" or "both" (see the module docstring).
             admm_rho: ADMM penalty rho (> 0) for the "admm" and "both" variants.
@@ -214,6 +218,7 @@ class MADDPGConfig(AlgorithmConfig):
             "replay_capacity": replay_capacity,
             "num_steps_sampled_before_learning_starts": num_steps_sampled_before_learning_starts,
             "actor_hiddens": actor_hiddens,
+            "drop_inputs": drop_inputs,
             "critic_hiddens": critic_hiddens,
             "variant": variant,
             "admm_rho": admm_rho,
@@ -226,7 +231,9 @@ class MADDPGConfig(AlgorithmConfig):
         }
         for name, value in given.items():
             if value is not NotProvided:
-                if name in ("actor_hiddens", "critic_hiddens") and isinstance(value, list):
+                if name in ("actor_hiddens", "critic_hiddens", "drop_inputs") and isinstance(
+                    value, list
+                ):
                     value = tuple(value)
                 setattr(self, name, value)
         return self
@@ -261,6 +268,11 @@ class MADDPGConfig(AlgorithmConfig):
         )
         _integer("num_envs_per_env_runner", self.num_envs_per_env_runner, 1)
         _integer("rollout_fragment_length", self.rollout_fragment_length, 1)
+        from policies.maddpg.torch.default_maddpg_torch_rl_module import INPUT_GROUPS
+
+        unknown = [g for g in self.drop_inputs if g not in INPUT_GROUPS]
+        if unknown:
+            _fail("drop_inputs", f"must be among {tuple(INPUT_GROUPS)}, got {unknown}")
         for name in ("actor_hiddens", "critic_hiddens"):
             sizes = getattr(self, name)
             if not isinstance(sizes, tuple | list) or not sizes:
@@ -317,6 +329,7 @@ class MADDPGConfig(AlgorithmConfig):
         specs = slicing_config(self).resolved_slices()
         return {
             "actor_hiddens": list(self.actor_hiddens),
+            "drop_inputs": list(self.drop_inputs),
             "critic_hiddens": list(self.critic_hiddens),
             "slice_kinds": [s.kind for s in specs],
         }

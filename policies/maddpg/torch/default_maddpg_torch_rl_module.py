@@ -10,13 +10,15 @@ No weight depends on ``S``: one module's state loads into a module built for any
 of known kinds (``model_config["slice_kinds"]``), which is how a policy trained on 3 slices runs
 on 1..20 in evaluation, export and serving.
 
-**Actor inputs** (:func:`actor_inputs`, ``K`` = 10 per slice, scale-free so that a slice with a
+**Actor inputs** (:func:`actor_inputs`, ``K`` = 12 per slice, scale-free so that a slice with a
 tenth of the cell reads like one with half of it): with f = max(need_forecast, 1e-3),
 log(need / f), log(previous_need / f), forecast_error / f, log(allocated / f), satisfaction,
-demand_ratio, spectral_efficiency, time_sin, time_cos and min(5, capacity_price x f) (above 1: the
-coordinator would not serve a request of f in full). Standardised per kind, (x - shift) * scale,
-with statistics the learner fits once from the warm-up data; they are buffers, so they travel with
-the actor weights.
+demand_ratio, spectral_efficiency, time_sin, time_cos, min(5, capacity_price x f) (above 1: the
+coordinator would not serve a request of f in full), demand_level and channel_level. Standardised
+per kind, (x - shift) * scale, with statistics the learner fits once from the warm-up data; they are
+buffers, so they travel with the actor weights. For ablations, ``model_config["drop_inputs"]``
+names groups of :data:`INPUT_GROUPS` whose scale is held at 0, so the actor sees a constant 0
+there (the network is unchanged, exports too).
 
 **Actor** (decentralised; one MLP per kind in :data:`deepslicing.slices.KINDS`, shared by every
 slice of that kind): a multiplicative correction of the slice's own forecast,
@@ -35,7 +37,8 @@ The inference-only module (``inference_only=True``: env runners, export, serving
 the critic and target networks, so it holds actor weights only.
 
 ``model_config`` keys: ``actor_hiddens`` (default (64, 64)), ``critic_hiddens`` (default
-(128, 128)), ``slice_kinds`` (the kind of each slice; default the kinds cycling embb, urllc, mmtc).
+(128, 128)), ``slice_kinds`` (the kind of each slice; default the kinds cycling embb, urllc, mmtc),
+``drop_inputs`` (default none).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ MIN_FORECAST = 1e-3  # share; keeps the scale-free inputs finite for a slice tha
 HEADROOM_LOG_RANGE = math.log(2.0)  # the actor's request is within [f / 2, 2 f]
 CRITIC_ONLY = ("critic", "target_critic", "target_actor")
 NUM_ACTOR_INPUTS = 12
+# columns of actor_inputs that come from one source, for ablations (drop_inputs)
+INPUT_GROUPS = {"history": (1, 2), "time": (7, 8), "price": (9,), "levels": (10, 11)}
 _F = {name: i for i, name in enumerate(FEATURES)}
 
 # Every module here is built with keyword arguments (observation_space=, action_space=,
@@ -101,6 +106,14 @@ def actor_inputs(obs: torch.Tensor) -> torch.Tensor:
 def forecast_share(obs: torch.Tensor) -> torch.Tensor:
     """The slice's own forecast of its next needed share, ``(..., S)``, at least 1e-3."""
     return obs[..., _F["need_forecast"]].clamp(min=MIN_FORECAST)
+
+
+def dropped_columns(groups: Sequence[str]) -> list[int]:
+    """Actor input columns of the named :data:`INPUT_GROUPS`."""
+    unknown = [g for g in groups if g not in INPUT_GROUPS]
+    if unknown:
+        raise ValueError(f"drop_inputs: must be among {tuple(INPUT_GROUPS)}, got {unknown}")
+    return sorted(c for g in groups for c in INPUT_GROUPS[g])
 
 
 def kind_indices(kinds: Sequence[str]) -> list[int]:
@@ -213,6 +226,8 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         # saved with the weights, so actors on env runners and in exports normalise the same way
         self.register_buffer("input_shift", torch.zeros(len(KINDS), NUM_ACTOR_INPUTS))
         self.register_buffer("input_scale", torch.ones(len(KINDS), NUM_ACTOR_INPUTS))
+        self.dropped = dropped_columns(config.get("drop_inputs") or ())
+        self.input_scale[:, self.dropped] = 0.0
         self.actor = StackedMLP((NUM_ACTOR_INPUTS, *actor_hiddens, 1), len(KINDS), kind.tolist())
         if not self.inference_only:
             self.critic = SetCritic(critic_hiddens)
@@ -242,6 +257,7 @@ class MADDPGTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
             if len(mine) > 1:
                 self.input_shift[k] = mine.mean(dim=0)
                 self.input_scale[k] = 1.0 / mine.std(dim=0).clamp(min=MIN_INPUT_STD)
+        self.input_scale[:, self.dropped] = 0.0
 
     def normalized_inputs(self, obs: torch.Tensor) -> torch.Tensor:
         """Standardised actor inputs ``(N, S, K)``."""
