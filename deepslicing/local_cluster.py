@@ -1,12 +1,12 @@
 """A Ray cluster of several nodes on one machine, started the ordinary way (``ray start``).
 
 What ``ray up`` or KubeRay do on many machines, on one: a head and worker nodes, each a
-``ray start --block`` process in its own session, all on one address (``127.0.0.1`` by default),
+``ray start --block`` process in its own session, started with ``--node-ip-address=127.0.0.1``,
 with token authentication on (``RAY_AUTH_MODE=token``, one ``RAY_AUTH_TOKEN`` for every node and
 client, as Ray 2.60 sets it up). For trying multi-node behaviour on a laptop (placement, a node
 going away) and for the multi-node tests::
 
-    with LocalCluster(root) as cluster:
+    with LocalCluster() as cluster:
         cluster.start_head(num_cpus=0)                      # the driver, GCS, dashboard, job server
         cluster.add_node("worker_a", num_cpus=1)            # resource tag {"worker_a": 1}
         cluster.add_node("worker_b", num_cpus=1)
@@ -15,8 +15,9 @@ going away) and for the multi-node tests::
         cluster.kill("worker_b")                            # SIGKILL every process of that node
 
 Several nodes on one address need their own fixed ports: each node here gets free ones for its
-dashboard agent and metrics, and its own temporary directory (``root/<name>``; keep ``root`` short, Ray's socket paths live under it; by default
-a fresh ``/tmp/ray-nodes-*`` that :meth:`LocalCluster.stop` removes), so its
+dashboard agent, runtime-env agent and metrics, and its own temporary directory
+(``root/<name>``; ``root`` is a fresh ``/tmp/ray-nodes-*`` that :meth:`LocalCluster.stop`
+removes unless one is given, and must stay short: Ray's socket paths live under it), so its
 processes, logs and sockets are its own and nothing is shared with other Ray instances on the
 machine (``/tmp/ray`` is left alone). Every node carries a custom resource named after it
 (``{name: 1}``), so a task or actor can be pinned to a node and placement can be read back.
@@ -110,7 +111,7 @@ class LocalCluster:
         object_store_memory: int = 150 * 1024**2,
         resources: dict[str, float] | None = None,
     ) -> Node:
-        """The head (GCS, dashboard and job server on ``host``); ``num_cpus`` 0 keeps work off it."""
+        """The head (GCS; dashboard and job server on ``host``); ``num_cpus=0`` keeps work off it."""
         gcs_port, dashboard_port = free_ports(self.host, 2)
         self.gcs_address = f"{self.host}:{gcs_port}"
         self.dashboard_url = f"http://{self.host}:{dashboard_port}"
