@@ -56,10 +56,15 @@ from deepslicing.ray_runtime import free_ports
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
+START_ATTEMPTS = 2  # a worker node whose ray start exits at once is started once more
 STOP_GRACE_S = 10.0  # a stopping node's processes get this long after SIGTERM
 # how soon a dead node is noticed: GCS health checks every 1 s, three misses (Ray's default is
 # five misses of 3 s checks)
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+class NodeStartError(RuntimeError):
+    """A node's ``ray start`` exited before the node was up."""
 
 
 @dataclass
@@ -115,20 +120,15 @@ class LocalCluster:
         gcs_port, dashboard_port = free_ports(self.host, 2)
         self.gcs_address = f"{self.host}:{gcs_port}"
         self.dashboard_url = f"http://{self.host}:{dashboard_port}"
-        head = self._start(
-            "head",
-            num_cpus,
-            object_store_memory,
-            resources,
-            [
-                "--head",
-                f"--port={gcs_port}",
-                "--include-dashboard=true",
-                f"--dashboard-host={self.host}",
-                f"--dashboard-port={dashboard_port}",
-                f"--system-config={json.dumps(self.system_config)}",
-            ],
-        )
+        args = [
+            "--head",
+            f"--port={gcs_port}",
+            "--include-dashboard=true",
+            f"--dashboard-host={self.host}",
+            f"--dashboard-port={dashboard_port}",
+            f"--system-config={json.dumps(self.system_config)}",
+        ]
+        head = self._start("head", num_cpus, object_store_memory, resources, args)
         self._wait(lambda: self.job_server_ready(), head, "the head's job server")
         return head
 
@@ -142,11 +142,20 @@ class LocalCluster:
         """A worker node joining the head; returns once the cluster counts it alive."""
         if self.gcs_address is None:
             raise RuntimeError("start the head first")
-        node = self._start(
-            name, num_cpus, object_store_memory, resources, [f"--address={self.gcs_address}"]
-        )
-        self._wait(lambda: name in self.alive_nodes(), node, f"node {name}")
-        return node
+        for attempt in range(START_ATTEMPTS):
+            node = self._start(
+                name, num_cpus, object_store_memory, resources, [f"--address={self.gcs_address}"]
+            )
+            try:
+                self._wait(lambda: name in self.alive_nodes(), node, f"node {name}")
+                return node
+            except NodeStartError:
+                # one of the ports picked free was taken before the node bound it (other
+                # processes on the machine start and bind all the time): again, with others
+                _signal(node.pids(), signal.SIGKILL)
+                if attempt + 1 == START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def _start(
         self,
@@ -186,7 +195,10 @@ class LocalCluster:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready():
             if node.process.poll() is not None:
-                raise RuntimeError(f"{what} exited with {node.process.returncode}; see {node.log}")
+                tail = "\n".join(node.log.read_text(errors="replace").splitlines()[-15:])
+                raise NodeStartError(
+                    f"{what} exited with {node.process.returncode}; the end of {node.log}:\n{tail}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} was not up within {START_TIMEOUT_S} s; see {node.log}")
             time.sleep(1.0)
