@@ -28,7 +28,7 @@ or evaluation scenario, ``<m>`` one of ``utility_mean``, ``sla_violation_rate``,
 | `objective`                   | train, trial | utility_mean - SLA_PENALTY x sla_violation_rate (what sweeps optimise) |
 | `episode_cost/<slice>`        | train, trial | this iteration's mean per-interval cost (violation rate) of one slice |
 | `multiplier/<slice>`          | train, trial | the Lagrange multiplier of a slice's SLA after this iteration's update |
-| `cost_budget/<slice>`         | train, trial | the slice's allowed violation rate (its kind's budget)               |
+| `cost_budget/<slice>`         | train, trial | the slice's allowed violation rate (only slices whose kind has one)  |
 | `budget_unreachable/<slice>`  | train, trial | 1 when the multiplier sits at its cap and the slice is still over budget |
 | `capacity_violations`         | train, trial | allocations this iteration that broke sum <= 1 or share >= 0 (must be 0) |
 | `env_steps_per_s`             | train, trial | env steps (one cell, one interval) per wall-clock second, sampling and learning |

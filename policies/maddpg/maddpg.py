@@ -1,7 +1,7 @@
 """MADDPG (Lowe et al. 2017, arXiv:1706.02275) for network slicing on RLlib's new API stack.
 
 One agent per slice. Each slice's deterministic actor (shared by the slices of its kind) requests
-a share of the cell from its own 12-feature observation; the critic, used only while learning,
+a share of the cell from its own 14-feature observation; the critic, used only while learning,
 gives every slice a value Q_i from every slice's observation and action, invariant to their number
 and order (:mod:`policies.maddpg.torch.default_maddpg_torch_rl_module`). The coordinator
 (projection or ADMM, utility objective by default) turns requests into a feasible
