@@ -72,9 +72,11 @@ def test_serve_command_refuses_bad_settings_before_starting_anything(tmp_path, c
     assert "qos_floor: must be a number in [0, 1]" in capsys.readouterr().err
 
 
-def test_serve_stops_gracefully_on_sigterm_finishing_requests_in_flight(tmp_path):
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_serve_stops_gracefully_on_sigterm_finishing_requests_in_flight(tmp_path, ingress):
     """Kubernetes and systemd stop a process with SIGTERM: the service stops as on Ctrl-C, with
-    exit code 0 and no stack dump, and the requests sent before the signal are answered."""
+    exit code 0 and no stack dump, and the requests sent before the signal are answered, behind
+    either ingress."""
     export = tmp_path / "export"
     export_untrained(export, seed=0, model_version="v")
     keys = tmp_path / "keys"
@@ -85,7 +87,7 @@ def test_serve_stops_gracefully_on_sigterm_finishing_requests_in_flight(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     process = subprocess.Popen(
         [sys.executable, "-m", "deepslicing.cli", "serve", "--model", str(export)]
-        + ["--api-keys-file", str(keys), "--port", str(port), "--ingress", "proxy"],
+        + ["--api-keys-file", str(keys), "--port", str(port), "--ingress", ingress],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
