@@ -31,7 +31,7 @@ Memory: after the last round, each replica of ``ours`` and ``noop`` reports its 
 (``psutil``, run inside the live replica through the actor's ``__ray_call__``): RSS, the figure the
 goal uses, and USS (pages no other process shares: what one more replica costs a node whose other
 replicas already map the same libraries), and which of the heavy packages it has imported
-(:data:`HEAVY_MODULES`).
+(:data:`deepslicing.bench.replicas.HEAVY_MODULES`).
 
 Unit costs (for sizing a cluster, ``cluster/README.md``): after the rounds, ``noop`` at c=16, ours
 at c=1 and c=16 and ``batch`` run once more for ``seconds`` each while the CPU time (user + system)
@@ -66,7 +66,7 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
   >= 0.65);
 - ``replica_rss_ratio_vs_noop`` = ``ours_replica_rss_mb / noop_replica_rss_mb`` (goal <= 1.3);
   ``X_replica_rss_mb``, ``X_replica_uss_mb`` (MiB, the mean over the app's replicas, 1 here),
-  ``X_replica_modules`` (the :data:`HEAVY_MODULES` imported in its replicas), ``replica_uss_ratio_vs_noop``;
+  ``X_replica_modules`` (the :data:`~deepslicing.bench.replicas.HEAVY_MODULES` imported in its replicas), ``replica_uss_ratio_vs_noop``;
 - ``cpu_ms_per_decision_U`` (``U`` in ``noop_c16``, ``ours_c1``, ``ours_c16``, ``batch``): replica
   CPU milliseconds per cell decision (per request for the noop); ``ingress_cpu_ms_per_decision_U``
   the ingress's (absent with ``RAY_ADDRESS``); ``decisions_U``, the cells answered while measured;
@@ -86,7 +86,6 @@ JSON keys (``X`` in ``ours``, ``noop``; ``C`` in 1, 16):
 # No ``from __future__ import annotations``: Serve's ingress rebuilds the noop endpoint's signature,
 # and FastAPI must see ``Request`` as a class, not a string.
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -104,6 +103,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from deepslicing.bench.replicas import cpu_per_decision, replica_memory
+
 PORT = 8311
 CONCURRENCY = (1, 16)
 BATCH_CELLS = 500
@@ -116,19 +117,6 @@ NOOP_APP = "bench-noop"
 NOOP_PREFIX = "/noop"
 REQUEST_TIMEOUT_S = 60.0
 NOOP_ANSWER = {"status": "ok"}
-# packages a replica should not need to answer (MLflow's store and its data stack, cvxpy, torch),
-# and numba (the guardrail answers in numpy); onnxruntime (the actors) is listed to show it loads
-HEAVY_MODULES = (
-    "mlflow",
-    "sqlalchemy",
-    "pandas",
-    "pyarrow",
-    "scipy",
-    "cvxpy",
-    "torch",
-    "numba",
-    "onnxruntime",
-)
 MODEL_NAME = "deepslicing-allocator"
 ALIAS = "champion"
 
@@ -368,7 +356,7 @@ def bench_serve(config) -> dict[str, Any]:
     return result
 
 
-# --- the model and the replicas' memory ------------------------------------------------------------
+# --- the model ----------------------------------------------------------------------------------
 
 
 def register_untrained(export_dir: Path, uri: str, seed: int) -> str:
@@ -386,98 +374,6 @@ def register_untrained(export_dir: Path, uri: str, seed: int) -> str:
     client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
     client.set_terminated(run_id)
     return f"models:/{MODEL_NAME}@{ALIAS}"
-
-
-def process_memory(_actor: Any) -> dict[str, Any]:
-    """This process's RSS and USS (MiB) and the :data:`HEAVY_MODULES` it has imported; run inside a
-    replica by ``__ray_call__`` (which passes the actor first)."""
-    import sys
-
-    import psutil
-
-    full = psutil.Process().memory_full_info()
-    return {
-        "rss_mb": full.rss / 2**20,
-        "uss_mb": full.uss / 2**20,
-        "modules": [m for m in HEAVY_MODULES if m in sys.modules],
-    }
-
-
-def replica_memory(app: str, deployment: str) -> list[dict[str, Any]]:
-    """:func:`process_memory` of every live replica of ``deployment`` in ``app``."""
-    import ray
-
-    actors = replica_actors(app, deployment)
-    if not actors:
-        raise RuntimeError(f"bench serve: no replica of {app}/{deployment} is running")
-    return ray.get([actor.__ray_call__.remote(process_memory) for actor in actors])
-
-
-def process_cpu(_actor: Any = None) -> float:
-    """CPU seconds (user + system) this process has used; ``__ray_call__`` passes the actor."""
-    import psutil
-
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
-
-
-def replica_actors(app: str, deployment: str) -> list[Any]:
-    import ray
-    from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
-
-    prefix = f"{REPLICA_ID_FULL_ID_STR_PREFIX}{app}#{deployment}#"
-    return [
-        ray.get_actor(a["name"], namespace=a["namespace"])
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(prefix)
-    ]
-
-
-def ingress_processes() -> list[Any]:
-    """HAProxy or Serve's proxy actor among the processes this run's local Ray started (none when
-    joining a cluster)."""
-    import psutil
-
-    if os.environ.get("RAY_ADDRESS"):
-        return []
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.name() == "haproxy" or "ProxyActor" in " ".join(child.cmdline()[:1]):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
-
-
-def cpu_per_decision(
-    load: "HttpLoad", app: tuple[str, str], seconds: float, cells: int
-) -> tuple[float, float | None, int]:
-    """One more run of ``load`` for ``seconds`` (its round dropped afterwards): CPU milliseconds
-    per cell decision of the app's replicas and of the ingress (None when not found), and the cells
-    answered."""
-    import psutil
-    import ray
-
-    actors = replica_actors(*app)
-    ingress = ingress_processes()
-
-    def read() -> tuple[float, float]:
-        replicas = sum(ray.get([a.__ray_call__.remote(process_cpu) for a in actors]))
-        proxy = 0.0
-        for process in ingress:
-            with contextlib.suppress(psutil.Error):
-                times = process.cpu_times()
-                proxy += times.user + times.system
-        return replicas, proxy
-
-    before = read()
-    load(seconds)
-    after = read()
-    decisions = load.rounds.pop()["requests"] * cells
-    replica_ms = (after[0] - before[0]) * 1e3 / decisions
-    ingress_ms = (after[1] - before[1]) * 1e3 / decisions if ingress else None
-    return replica_ms, ingress_ms, decisions
 
 
 # --- the service under load ----------------------------------------------------------------------
