@@ -14,8 +14,9 @@ Units: utility and returns are the model's per-interval cell utility (at most 1 
 cost (cost 1 = one slice-interval in SLA violation). Step = training iteration everywhere; the
 ``eval/`` and ``suite/`` metrics sit at the step of the checkpoint they measured.
 
-Logged in (checked by ``tests/test_mlflow_ui.py``): `train` = a ``deepslicing train`` run;
-`trial` = a sweep trial's run (``deepslicing tune``); `model` = the MLflow logged model of a
+Logged in (checked by ``tests/test_mlflow_ui.py``; `budget` by ``tests/test_maddpg.py``): `train` = a ``deepslicing train`` run;
+`trial` = a sweep trial's run (``deepslicing tune``); `budget` = either of those when the slice's
+kind has a ``maddpg.cost_budget`` (by default none has); `model` = the MLflow logged model of a
 registered checkpoint (and its training run). ``<slice>`` is a slice name, ``<scenario>`` a suite
 or evaluation scenario, ``<m>`` one of ``utility_mean``, ``sla_violation_rate``, ``objective``,
 ``resource_usage``.
@@ -28,8 +29,8 @@ or evaluation scenario, ``<m>`` one of ``utility_mean``, ``sla_violation_rate``,
 | `objective`                   | train, trial | utility_mean - SLA_PENALTY x sla_violation_rate (what sweeps optimise) |
 | `episode_cost/<slice>`        | train, trial | this iteration's mean per-interval cost (violation rate) of one slice |
 | `multiplier/<slice>`          | train, trial | the Lagrange multiplier of a slice's SLA after this iteration's update |
-| `cost_budget/<slice>`         | train, trial | the slice's allowed violation rate (only slices whose kind has one)  |
-| `budget_unreachable/<slice>`  | train, trial | 1 when the multiplier sits at its cap and the slice is still over budget |
+| `cost_budget/<slice>`         | budget       | the slice's allowed violation rate                                   |
+| `budget_unreachable/<slice>`  | budget       | 1 when the multiplier sits at its cap and the slice is still over budget |
 | `capacity_violations`         | train, trial | allocations this iteration that broke sum <= 1 or share >= 0 (must be 0) |
 | `env_steps_per_s`             | train, trial | env steps (one cell, one interval) per wall-clock second, sampling and learning |
 | `admm_primal_residual_mean`   | train, trial | mean over steps of the ADMM primal residual norm(x - z) (0 with projection) |

@@ -367,6 +367,9 @@ def test_tiny_training_reports_metrics_and_restores_multipliers(ray_local, tmp_p
         assert names == [f"multiplier/{s}" for s in ("embb", "urllc", "mmtc")]
         np.testing.assert_allclose([section[k] for k in names], multipliers, rtol=1e-6)
         assert multipliers.max() > 0  # a zero budget makes any violation raise its multiplier
+        for s in ("embb", "urllc", "mmtc"):  # the `budget` rows of the metrics table
+            assert section[metrics.per_slice(metrics.COST_BUDGET, s)] == 0.0
+            assert section[metrics.per_slice(metrics.BUDGET_UNREACHABLE, s)] in (0.0, 1.0)
         # the env runner holds actors only
         runner_params = [n for n, _ in algo.env_runner.module.named_parameters()]
         assert runner_params and all(n.startswith("actor.") for n in runner_params)

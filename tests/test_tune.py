@@ -248,7 +248,9 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
         signature = mlflow.models.get_model_info(version["source"]).signature
     finally:
         mlflow.set_tracking_uri(previous)
-    assert signature.inputs.inputs[0].shape == (-1, 3, 12)
+    from deepslicing.model import NUM_FEATURES
+
+    assert signature.inputs.inputs[0].shape == (-1, 3, NUM_FEATURES)
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
 
 
