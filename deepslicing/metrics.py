@@ -14,12 +14,12 @@ Units: utility and returns are the model's per-interval cell utility (at most 1 
 cost (cost 1 = one slice-interval in SLA violation). Step = training iteration everywhere; the
 ``eval/`` and ``suite/`` metrics sit at the step of the checkpoint they measured.
 
-Logged in (checked by ``tests/test_mlflow_ui.py``; `budget` by ``tests/test_maddpg.py``): `train` = a ``deepslicing train`` run;
-`trial` = a sweep trial's run (``deepslicing tune``); `budget` = either of those when the slice's
-kind has a ``maddpg.cost_budget`` (by default none has); `model` = the MLflow logged model of a
-registered checkpoint (and its training run). ``<slice>`` is a slice name, ``<scenario>`` a suite
-or evaluation scenario, ``<m>`` one of ``utility_mean``, ``sla_violation_rate``, ``objective``,
-``resource_usage``.
+Logged in (checked by ``tests/test_mlflow_ui.py``; `budget` by ``tests/test_maddpg.py``):
+`train` = a ``deepslicing train`` run; `trial` = a sweep trial's run (``deepslicing tune``);
+`budget` = either of those when the slice's kind has a ``maddpg.cost_budget`` (by default none
+has); `model` = the MLflow logged model of a registered checkpoint (and its training run).
+``<slice>`` is a slice name, ``<scenario>`` a suite or evaluation scenario, ``<m>`` one of
+``utility_mean``, ``sla_violation_rate``, ``objective``, ``resource_usage``.
 
 | name                          | logged in    | meaning                                                              |
 |-------------------------------|--------------|----------------------------------------------------------------------|
