@@ -40,6 +40,23 @@ def answer(cells, actor=None, guardrail=None, kinds=KINDS, times=None):
     return allocate(cells, times, actor or constant_actor(0.4), kinds, CELL, guardrail)
 
 
+def observations_seen(cells, times=None) -> list[np.ndarray]:
+    """The observations the model's actor was given while answering ``cells`` one call at a time
+    (each call answers every slice with 0.2)."""
+    seen = []
+
+    def recording(obs):
+        seen.append(obs.copy())
+        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
+
+    for cell in cells:
+        answer([cell], recording, times=times)
+    return seen
+
+
+F = {name: i for i, name in enumerate(model.FEATURES)}
+
+
 @pytest.mark.parametrize(
     ("name", "targets", "kind", "expected"),
     [
@@ -104,17 +121,10 @@ def test_slices_go_to_the_actor_of_their_kind_and_unknown_kinds_ask_their_need()
 
 
 def test_an_actor_sees_only_its_own_slice_features():
-    seen = []
-
-    def recording(obs):
-        seen.append(obs.copy())
-        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
-
     cells = [
         [SliceInput("URLLC", {"latency_ms_p95": 10}), SliceInput("eMBB", {"bandwidth_mbps": 50})]
     ]
-    answer(cells, recording, times=[0.75])
-    (obs,) = seen
+    (obs,) = observations_seen(cells, times=[0.75])
     assert obs.shape == (2, 3, model.NUM_FEATURES)
     # slice 0 (urllc) sits at actor 1, slice 1 (embb) at actor 0; everything else is zero
     assert np.count_nonzero(obs[0, [0, 2]]) == 0 and np.count_nonzero(obs[1, [1, 2]]) == 0
@@ -122,48 +132,33 @@ def test_an_actor_sees_only_its_own_slice_features():
 
 
 def test_previous_demand_gives_the_actor_a_short_history():
-    seen = []
-
-    def recording(obs):
-        seen.append(obs.copy())
-        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
-
-    f = {name: i for i, name in enumerate(model.FEATURES)}
     flat = SliceInput("eMBB", {"bandwidth_mbps": 50}, demand=40.0)
     rising = SliceInput("eMBB", {"bandwidth_mbps": 50}, demand=40.0, previous_demand=20.0)
-    answer([[flat]], recording, times=[0.75])
-    answer([[rising]], recording, times=[0.75])
+    seen = observations_seen([[flat], [rising]], times=[0.75])
     without, with_history = seen[0][0, 0], seen[1][0, 0]
-    need = without[f["needed_share"]]
+    need = without[F["needed_share"]]
     # no history: the single-reading defaults (forecast = previous need = need)
-    assert without[f["need_forecast"]] == pytest.approx(need)
-    assert without[f["previous_need"]] == pytest.approx(need)
-    assert without[f["forecast_error"]] == pytest.approx(forecast.INITIAL_RELATIVE_ERROR * need)
+    assert without[F["need_forecast"]] == pytest.approx(need)
+    assert without[F["previous_need"]] == pytest.approx(need)
+    assert without[F["forecast_error"]] == pytest.approx(forecast.INITIAL_RELATIVE_ERROR * need)
     # 20 Mbps before, 40 now: half the need before, and the forecaster after both intervals
-    assert with_history[f["previous_need"]] == pytest.approx(need / 2)
+    assert with_history[F["previous_need"]] == pytest.approx(need / 2)
     expected = forecast.update(forecast.start(np.array(need / 2)), np.array(need))
-    assert with_history[f["need_forecast"]] == pytest.approx(float(expected.next_need))
-    assert with_history[f["forecast_error"]] == pytest.approx(float(expected.error))
+    assert with_history[F["need_forecast"]] == pytest.approx(float(expected.next_need))
+    assert with_history[F["forecast_error"]] == pytest.approx(float(expected.error))
     # time of day 0.75 as sin/cos in [0, 1]; no price known to the service
-    assert with_history[f["time_sin"]] == pytest.approx(0.0, abs=1e-6)
-    assert with_history[f["time_cos"]] == pytest.approx(0.5, abs=1e-6)
-    assert with_history[f["capacity_price"]] == 0.0
+    assert with_history[F["time_sin"]] == pytest.approx(0.0, abs=1e-6)
+    assert with_history[F["time_cos"]] == pytest.approx(0.5, abs=1e-6)
+    assert with_history[F["capacity_price"]] == 0.0
     # slow levels: the readings themselves alone, smoothed from the previous demand with it
-    mean = without[f["demand_ratio"]]
-    assert without[f["demand_level"]] == pytest.approx(mean)
-    assert without[f["channel_level"]] == pytest.approx(without[f["spectral_efficiency"]])
+    mean = without[F["demand_ratio"]]
+    assert without[F["demand_level"]] == pytest.approx(mean)
+    assert without[F["channel_level"]] == pytest.approx(without[F["spectral_efficiency"]])
     alpha = forecast.LEVEL_ALPHAS[0]
-    assert with_history[f["demand_level"]] == pytest.approx((1 - alpha) * mean / 2 + alpha * mean)
+    assert with_history[F["demand_level"]] == pytest.approx((1 - alpha) * mean / 2 + alpha * mean)
 
 
 def test_level_readings_reach_the_actor():
-    seen = []
-
-    def recording(obs):
-        seen.append(obs.copy())
-        return np.full(obs.shape[:2], 0.2, dtype=np.float32)
-
-    f = {name: i for i, name in enumerate(model.FEATURES)}
     given = SliceInput(
         "eMBB",
         {"bandwidth_mbps": 50},
@@ -173,10 +168,9 @@ def test_level_readings_reach_the_actor():
         demand_level=25.0,
         spectral_efficiency_level=3.7,
     )
-    answer([[given]], recording)
-    features = seen[0][0, 0]
-    assert features[f["demand_level"]] == pytest.approx(0.5)
-    assert features[f["channel_level"]] == pytest.approx(3.7 / 7.4)
+    features = observations_seen([[given]])[0][0, 0]
+    assert features[F["demand_level"]] == pytest.approx(0.5)
+    assert features[F["channel_level"]] == pytest.approx(3.7 / 7.4)
 
 
 def test_batch_of_mixed_sizes_keeps_order_and_equals_single_answers():
