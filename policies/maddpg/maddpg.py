@@ -268,11 +268,9 @@ class MADDPGConfig(AlgorithmConfig):
         )
         _integer("num_envs_per_env_runner", self.num_envs_per_env_runner, 1)
         _integer("rollout_fragment_length", self.rollout_fragment_length, 1)
-        from policies.maddpg.torch.default_maddpg_torch_rl_module import INPUT_GROUPS
+        from policies.maddpg.torch.default_maddpg_torch_rl_module import dropped_columns
 
-        unknown = [g for g in self.drop_inputs if g not in INPUT_GROUPS]
-        if unknown:
-            _fail("drop_inputs", f"must be among {tuple(INPUT_GROUPS)}, got {unknown}")
+        dropped_columns(self.drop_inputs)  # raises naming drop_inputs and the groups
         for name in ("actor_hiddens", "critic_hiddens"):
             sizes = getattr(self, name)
             if not isinstance(sizes, tuple | list) or not sizes:
