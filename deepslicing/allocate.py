@@ -263,19 +263,18 @@ def allocate_group(
     history = forecast.Forecast(*(np.where(known, b, a) for a, b in zip(single, two, strict=True)))
     traffic = model.traffic_features(slices, demand, efficiency, need)
     previous_ratio = _fill(previous, demand) / slices.mean_demand
-    smoothed_ratio = forecast.smooth_levels(
+    # without level readings: the smoothing after the readings given (the channel's is its reading)
+    smoothed = forecast.smooth_levels(
         np.stack((previous_ratio, traffic[..., 1]), axis=-1), traffic[..., :2]
-    )[..., 0]
-    levels = np.stack(
+    )
+    given = np.stack(
         (
-            _fill(column(lambda s: s.demand_level) / slices.mean_demand, smoothed_ratio),
-            _fill(
-                column(lambda s: s.spectral_efficiency_level) / SPECTRAL_EFFICIENCY_RANGE[1],
-                traffic[..., 1],
-            ),
+            column(lambda s: s.demand_level) / slices.mean_demand,
+            column(lambda s: s.spectral_efficiency_level) / SPECTRAL_EFFICIENCY_RANGE[1],
         ),
         axis=-1,
     )
+    levels = _fill(given, smoothed)
     progress = np.broadcast_to(np.asarray(time_of_day, dtype=np.float64)[:, None], need.shape)
     features = model.observe(
         traffic,
