@@ -4,7 +4,9 @@ Every target measures ours and the comparator in the same process, interleaved i
 rounds (each contender runs ``seconds`` of wall-clock time per round, the contenders' order rotating
 from round to round), and reports for each contender the median over the rounds, because one noisy
 round on a small shared machine should not decide the result. Progress and results go to stderr as
-they come; the last stdout line is one JSON object with ``--json``, a small table without it.
+they come; stdout holds only the result, one JSON object on one line with ``--json`` (so it can be
+piped to ``jq``: what Ray's workers print while a target runs goes to stderr too), a small table
+without it.
 
 ``bench env`` measures environment step rates, in steps per second of wall-clock time (resets are
 inside the timed loop, amortised over the episode, and not counted as steps):
@@ -42,6 +44,7 @@ that are ceilings) and ``goals_met``; ``run`` exits 1 when a goal is missed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -141,7 +144,8 @@ class BenchConfig:
 
 
 def run(config: BenchConfig) -> int:
-    result = TARGET_FUNCTIONS[config.target](config)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result alone
+        result = TARGET_FUNCTIONS[config.target](config)
     goals = GOALS.get(config.target, {})
     missed = {key: goal for key, goal in goals.items() if not meets_goal(key, result[key], goal)}
     result["goals"] = goals
