@@ -40,6 +40,15 @@ RUNS_DIR = "/home/ray/runs"
 KEYS_DIR = "/etc/deepslicing/api-keys"
 KEYS_SECRET = "deepslicing-api-keys"
 KEYS_FILE_KEY = "keys"  # the Secret's data key, a file of one key per line once mounted
+# Ray token auth (KubeRay >= 1.5.1, Ray >= 2.52): every cluster reads its token from this Secret's
+# `auth_token` key, created by the operator (`kubectl create secret generic ... --from-literal`);
+# KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in every Ray container from it
+RAY_TOKEN_SECRET = "deepslicing-ray-token"
+RAY_TOKEN_KEY = "auth_token"
+RAY_TOKEN_COMMAND = (
+    f"kubectl create secret generic {RAY_TOKEN_SECRET} "
+    f"--from-literal={RAY_TOKEN_KEY}=$(openssl rand -hex 32)"
+)
 SERVE_PORT = 8000
 MLFLOW_PORT = 5000
 POSTGRES = "mlflow-postgres"  # the database's Deployment, Service, volume claim and Secret
@@ -107,10 +116,12 @@ def _pod(container: dict[str, Any], keys: bool) -> dict[str, Any]:
 
 def ray_cluster_spec(config: KubeRayConfig, keys: bool) -> dict[str, Any]:
     """Head (no CPUs of its own, so tasks and replicas land on workers) and one CPU worker group
-    that the in-tree autoscaler grows from 1 to ``max_workers`` pods."""
+    that the in-tree autoscaler grows from 1 to ``max_workers`` pods; Ray token auth on, the
+    token from :data:`RAY_TOKEN_SECRET`."""
     head_ports = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT}
     return {
         "rayVersion": ray.__version__,
+        "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"idleTimeoutSeconds": 60},
         "headGroupSpec": {
@@ -365,8 +376,13 @@ _Dumper.add_representer(
 
 def render(config: KubeRayConfig) -> dict[str, str]:
     """File name -> its text."""
+    token = (
+        f"# Ray token auth is on: create its Secret once per namespace first:\n"
+        f"#   {RAY_TOKEN_COMMAND}\n"
+    )
     return {
         name: HEADER.format(what=what, name=name)
+        + (token if any(o["apiVersion"] == "ray.io/v1" for o in objects) else "")
         + yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=100)
         for name, (what, objects) in manifests(config).items()
     }

@@ -204,6 +204,29 @@ def test_every_ray_pod_reaches_mlflow_and_serving_pods_mount_the_keys():
             assert key in secret["stringData"]
 
 
+def test_every_ray_cluster_turns_token_auth_on_from_one_secret():
+    """Each RayCluster, RayJob and RayService asks KubeRay for Ray token auth with the token in
+    the Secret the file's header tells the operator to create."""
+    texts = kuberay.render(kuberay.KubeRayConfig())
+    ray_files = set()
+    for name, obj in ALL_OBJECTS:
+        if obj["apiVersion"] != "ray.io/v1":
+            continue
+        ray_files.add(name)
+        spec = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig")
+        spec = spec or obj["spec"]
+        assert spec["authOptions"] == {"mode": "token", "secretName": kuberay.RAY_TOKEN_SECRET}
+    assert ray_files == {
+        "raycluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-sweep.yaml",
+        "rayservice.yaml",
+    }
+    for name in ray_files:
+        assert kuberay.RAY_TOKEN_COMMAND in texts[name], name
+        assert f"--from-literal={kuberay.RAY_TOKEN_KEY}=" in texts[name], name
+
+
 def test_the_placeholder_key_is_refused(tmp_path):
     from serve_apps.security import ApiKeyError, read_keys
 
@@ -283,6 +306,7 @@ BROKEN = [
     ("raycluster.yaml", 0, "spec.workerGroupSpecs[0].maxReplicas", "four"),
     ("raycluster.yaml", 0, f"spec.headGroupSpec.{POD}.resources.limits.cpu", [1]),
     ("raycluster.yaml", 0, "spec.workerGroupSpecs[0].maxReplicas", 2**31),
+    ("raycluster.yaml", 0, "spec.authOptions.mode", "password"),
     ("rayjob-train.yaml", 0, "spec.shutdownAfterJobFinishes", "yes"),
     ("rayjob-sweep.yaml", 0, "spec.rayClusterSpec.enableInTreeAutoscaling", 1),
     (
