@@ -349,16 +349,26 @@ def truncate_progress(run_dir: Path, last_iteration: int) -> None:
         csv.writer(f).writerows(kept)
 
 
+MAX_SLICES_LISTED = 6  # the progress line names each slice's multiplier up to this many slices
+
+
 def progress_line(iteration: int, total: int, summary: dict[str, float], slices, seconds) -> str:
     def fmt(value: float, spec: str) -> str:
         return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
-    def multiplier(name: str) -> str:
-        value = fmt(summary.get(metrics.per_slice(metrics.MULTIPLIER, name)), ".2f")
-        stuck = summary.get(metrics.per_slice(metrics.BUDGET_UNREACHABLE, name))
-        return f"{name} {value}" + (" (budget not reachable)" if stuck else "")
-
-    multipliers = " ".join(multiplier(name) for name in slices)
+    values = {name: summary.get(metrics.per_slice(metrics.MULTIPLIER, name)) for name in slices}
+    stuck = [n for n in slices if summary.get(metrics.per_slice(metrics.BUDGET_UNREACHABLE, n))]
+    if len(slices) <= MAX_SLICES_LISTED:
+        multipliers = " ".join(
+            f"{name} {fmt(value, '.2f')}" + (" (budget not reachable)" if name in stuck else "")
+            for name, value in values.items()
+        )
+    else:  # one readable line per iteration: the range over the slices
+        known = [v for v in values.values() if v is not None and math.isfinite(v)]
+        low, high = (min(known), max(known)) if known else (math.nan, math.nan)
+        multipliers = f"{fmt(low, '.2f')}..{fmt(high, '.2f')} over {len(slices)} slices"
+        if stuck:
+            multipliers += f"; budget not reachable: {' '.join(stuck)}"
     return (
         f"iter {iteration:>4}/{total}  "
         f"return {fmt(summary.get(metrics.EPISODE_RETURN_MEAN), '8.2f')}  "

@@ -287,3 +287,21 @@ def test_mlflow_server_down_is_named_and_results_still_land(tmp_path):
     run_dir = tmp_path / "run"
     assert [int(r["iteration"]) for r in read_progress(run_dir)] == [1, 2]
     assert json.loads((run_dir / "state.json").read_text())["iteration"] == 2
+
+
+def test_progress_line_names_few_multipliers_and_sums_up_many():
+    """Up to MAX_SLICES_LISTED slices each multiplier is named; beyond, the line gives their range
+    and still names a slice whose budget cannot be reached."""
+    from deepslicing import metrics
+    from deepslicing.train import MAX_SLICES_LISTED, progress_line
+
+    names = [f"s{i}" for i in range(20)]
+    summary = {
+        metrics.per_slice(metrics.MULTIPLIER, n): 0.05 + 0.01 * i for i, n in enumerate(names)
+    }
+    summary[metrics.per_slice(metrics.BUDGET_UNREACHABLE, "s3")] = 1.0
+    few = progress_line(1, 45, summary, names[:MAX_SLICES_LISTED], 1.0)
+    assert "lambda [s0 0.05 s1 0.06 s2 0.07 s3 0.08 (budget not reachable) s4 0.09 s5 0.10]" in few
+    many = progress_line(1, 45, summary, names, 1.0)
+    assert "lambda [0.05..0.24 over 20 slices; budget not reachable: s3]" in many
+    assert "s10" not in many
