@@ -519,7 +519,7 @@ def error_response(
 class Guard:
     """ASGI middleware in front of FastAPI: API key, rate limit and body size are checked before
     any parsing, every request is counted and timed, and ``POST /allocate`` is answered here
-    (:func:`allocate_cell`)."""
+    (:func:`answer_cell`)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -544,13 +544,14 @@ class Guard:
 
         try:
             refusal, receive = await self.check(scope, receive, endpoint)
-            if refusal is None and endpoint == "/allocate" and scope["method"] == "POST":
+            if refusal is not None:
+                await refusal(scope, receive, send_counted)
+            elif endpoint == "/allocate" and scope["method"] == "POST":
                 # the hot endpoint, answered here: FastAPI's middleware, routing and endpoint
                 # machinery cost the replica about 0.09 ms of CPU per request, more than the
                 # allocation itself in a batch (docs/benchmarks.md)
-                refusal = await allocate_cell(scope, receive)
-            if refusal is not None:
-                await refusal(scope, receive, send_counted)
+                answer = await answer_cell(scope, receive)
+                await answer(scope, receive, send_counted)
             else:
                 await self.app(scope, receive, send_counted)
         finally:
@@ -723,7 +724,7 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
     return parse_body(model, request.headers.get("content-type", ""), await request.body())
 
 
-async def allocate_cell(scope, receive) -> JSONResponse:
+async def answer_cell(scope, receive) -> JSONResponse:
     """The answer to ``POST /allocate`` (called by :class:`Guard`, after the key, rate and size
     checks): the cell goes to the replica's :class:`CellBatcher`; a refused body or an infeasible
     cell gets the same answer FastAPI's exception handlers give the other endpoints."""
@@ -888,8 +889,8 @@ class Allocator:
     @post_json("/allocate", schemas.AllocateRequest, schemas.CellAllocation)
     async def allocate_cell(self, request: Request):
         """Declared for the OpenAPI document; :class:`Guard` answers ``POST /allocate`` with
-        :func:`allocate_cell` before FastAPI sees it, so this only runs if Guard is bypassed."""
-        return await allocate_cell(request.scope, request.receive)
+        :func:`answer_cell` before FastAPI sees it, so this only runs if Guard is bypassed."""
+        return await answer_cell(request.scope, request.receive)
 
     @post_json("/allocate/batch", schemas.BatchRequest, schemas.BatchAllocation)
     async def allocate_batch(self, request: Request):
