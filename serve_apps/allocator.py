@@ -550,7 +550,7 @@ class Guard:
                 # the hot endpoint, answered here: FastAPI's middleware, routing and endpoint
                 # machinery cost the replica about 0.09 ms of CPU per request, more than the
                 # allocation itself in a batch (docs/benchmarks.md)
-                answer = await answer_cell(scope, receive)
+                answer = await answer_cell(Request(scope, receive))
                 await answer(scope, receive, send_counted)
             else:
                 await self.app(scope, receive, send_counted)
@@ -708,51 +708,31 @@ def is_json(content_type: str) -> bool:
     )
 
 
-def parse_body(model: type[BaseModel], content_type: str, body: bytes) -> Any:
-    """``body`` as ``model``; a body not declared as JSON raises :class:`UnsupportedMediaType`,
+async def parse(request: Request, model: type[BaseModel]) -> Any:
+    """The body as ``model``; a body not declared as JSON raises :class:`UnsupportedMediaType`,
     a broken rule what FastAPI raises for its typed bodies."""
+    content_type = request.headers.get("content-type", "")
     if not is_json(content_type):
         raise UnsupportedMediaType(content_type)
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(await request.body())
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
 
 
-async def parse(request: Request, model: type[BaseModel]) -> Any:
-    """The request's body as ``model`` (:func:`parse_body`)."""
-    return parse_body(model, request.headers.get("content-type", ""), await request.body())
-
-
-async def answer_cell(scope, receive) -> JSONResponse:
+async def answer_cell(request: Request) -> JSONResponse:
     """The answer to ``POST /allocate`` (called by :class:`Guard`, after the key, rate and size
     checks): the cell goes to the replica's :class:`CellBatcher`; a refused body or an infeasible
-    cell gets the same answer FastAPI's exception handlers give the other endpoints."""
-    content_type, chunks, more = "", [], True
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            content_type = value.decode("latin-1")
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
+    cell gets what FastAPI's exception handlers (below) answer the other endpoints."""
     try:
-        cell = parse_body(schemas.AllocateRequest, content_type, b"".join(chunks))
+        cell = await parse(request, schemas.AllocateRequest)
         return JSONResponse(await Current.cells.submit(cell))
-    except RequestValidationError as e:
-        return invalid_request_answer(e)
-    except UnsupportedMediaType as e:
-        return unsupported_media_type_answer(e)
-    except InfeasibleError as e:
-        return infeasible_answer(e)
+    except (RequestValidationError, UnsupportedMediaType, InfeasibleError) as e:
+        return await app.exception_handlers[type(e)](request, e)
 
 
 @app.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return invalid_request_answer(exc)
-
-
-def invalid_request_answer(exc: RequestValidationError) -> JSONResponse:
     service_metrics().rejection("invalid")
     details = []
     unparsable = False
@@ -769,10 +749,6 @@ def invalid_request_answer(exc: RequestValidationError) -> JSONResponse:
 
 @app.exception_handler(UnsupportedMediaType)
 async def unsupported_media_type(request: Request, exc: UnsupportedMediaType) -> JSONResponse:
-    return unsupported_media_type_answer(exc)
-
-
-def unsupported_media_type_answer(exc: UnsupportedMediaType) -> JSONResponse:
     service_metrics().rejection("unsupported_media_type")
     given = exc.content_type or "none"
     return error_response(
@@ -790,10 +766,6 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 @app.exception_handler(InfeasibleError)
 async def infeasible(request: Request, exc: InfeasibleError) -> JSONResponse:
-    return infeasible_answer(exc)
-
-
-def infeasible_answer(exc: InfeasibleError) -> JSONResponse:
     service_metrics().rejection("infeasible")
     return error_response(409, "infeasible", str(exc))
 
@@ -890,7 +862,7 @@ class Allocator:
     async def allocate_cell(self, request: Request):
         """Declared for the OpenAPI document; :class:`Guard` answers ``POST /allocate`` with
         :func:`answer_cell` before FastAPI sees it, so this only runs if Guard is bypassed."""
-        return await answer_cell(request.scope, request.receive)
+        return await answer_cell(request)
 
     @post_json("/allocate/batch", schemas.BatchRequest, schemas.BatchAllocation)
     async def allocate_batch(self, request: Request):
